@@ -1,0 +1,170 @@
+"""The `asr` command line: `asr transcribe ...` (run `asr COMMAND --help` for each command)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from asr import DEFAULT_MODEL_DIR, __version__
+from asr.audio import AudioError
+from asr.checkpoint import ModelLoadError, load_model, save_model
+from asr.decoding import Segment, SegmenterConfig
+from asr.model import ASRModel, ModelDimensions
+from asr.writers import FORMATS, format_timestamp, write_outputs
+
+
+class CLIError(Exception):
+    """A usage problem reported as `asr: error: ...` with exit code 2."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda was asked for, but torch sees no CUDA GPU (use --device cpu)")
+    return torch.device(name)
+
+
+def resolve_model_dir(model: Path | None) -> Path:
+    if model is not None:
+        return model
+    if (DEFAULT_MODEL_DIR / "config.json").is_file():
+        return DEFAULT_MODEL_DIR
+    raise CLIError(f"no bundled model at {DEFAULT_MODEL_DIR}; pass --model DIR")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help=f"model directory (default: the bundled {DEFAULT_MODEL_DIR})")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: auto)")
+
+
+def _add_transcribe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "transcribe",
+        help="transcribe audio files to txt/srt/vtt/json",
+        description="Transcribe audio files through the streaming path (memory stays flat for hours of "
+        "audio). Reads WAV, FLAC, OGG/Opus, MP3 and anything else libsndfile reads, at any sample rate "
+        "and channel count. Output files are named after each input: talk.flac -> talk.srt.",
+    )
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="audio files")
+    add_model_args(p)
+    p.add_argument("-f", "--format", choices=(*FORMATS, "all"), default="all", help="output format (default: all)")
+    p.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="where to write (default: .)")
+    p.add_argument(
+        "--chunk-ms", type=_positive_int, default=1000, help="audio per streaming step in ms (default: 1000)"
+    )
+    p.add_argument(
+        "--pause", type=_positive_float, default=0.8, help="a pause this long (s) ends a caption segment (default: 0.8)"
+    )
+    p.add_argument(
+        "--max-segment", type=_positive_float, default=10.0, help="longest caption segment in seconds (default: 10)"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no segments on stdout")
+    p.set_defaults(func=cmd_transcribe)
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from asr.transcribe import transcribe_file
+
+    device = resolve_device(args.device)
+    model, config = load_model(resolve_model_dir(args.model), device=device)
+    formats = FORMATS if args.format == "all" else (args.format,)
+    segmenter = SegmenterConfig(pause_s=args.pause, max_segment_s=args.max_segment)
+
+    def show(segment: Segment) -> None:
+        start, end = format_timestamp(segment.start, "."), format_timestamp(segment.end, ".")
+        tqdm.write(f"[{start} --> {end}] {segment.text}")
+
+    failed = 0
+    for path in args.files:
+        try:
+            transcript = transcribe_file(
+                path,
+                model,
+                config.vocab,
+                device,
+                args.chunk_ms,
+                segmenter,
+                progress=not args.quiet,
+                on_segment=None if args.quiet else show,
+            )
+        except AudioError as e:
+            print(f"asr: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        written = write_outputs(transcript, path, args.output_dir, formats)
+        if not args.quiet:
+            print(f"{path}: wrote {', '.join(str(w) for w in written)}", file=sys.stderr)
+    if failed:
+        print(f"asr: {failed} of {len(args.files)} files failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _add_init_model(sub: argparse._SubParsersAction) -> None:
+    defaults = ModelDimensions()
+    p = sub.add_parser(
+        "init-model",
+        help="write an untrained, randomly initialised model directory",
+        description="Write a randomly initialised model directory (model.safetensors + config.json). "
+        "Its output is noise: it is for testing pipelines and for speed benchmarks.",
+    )
+    p.add_argument("dir", type=Path, help="model directory to create")
+    p.add_argument("--d-model", type=_positive_int, default=defaults.d_model, help="width (default: %(default)s)")
+    p.add_argument("--layers", type=_positive_int, default=defaults.n_layers, help="Mamba blocks (default: %(default)s)")
+    p.add_argument("--d-state", type=_positive_int, default=defaults.d_state, help="SSM state size (default: %(default)s)")
+    p.add_argument("--head-dim", type=_positive_int, default=defaults.head_dim, help="SSM head size (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(func=cmd_init_model)
+
+
+def cmd_init_model(args: argparse.Namespace) -> int:
+    try:
+        dims = ModelDimensions(
+            d_model=args.d_model, n_layers=args.layers, d_state=args.d_state, head_dim=args.head_dim
+        )
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    torch.manual_seed(args.seed)
+    model = ASRModel(dims)
+    save_model(model, args.dir, info={"untrained": True, "seed": args.seed})
+    print(f"wrote untrained model ({model.num_parameters():,} parameters) to {args.dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asr", description="Streaming speech recognition (causal Mamba + CTC).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_transcribe(sub)
+    _add_init_model(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, ModelLoadError) as e:
+        print(f"asr: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("asr: interrupted", file=sys.stderr)
+        return 130

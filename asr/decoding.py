@@ -1,0 +1,173 @@
+"""Greedy CTC decoding into timed words and caption segments.
+
+`GreedyCTCDecoder` consumes log-probabilities chunk by chunk, so streaming and offline use the
+same code: offline decoding is one `feed` of every frame followed by `flush`. A segment ends at
+a pause (a run of frames with no character longer than `pause_s`) or once it reaches
+`max_segment_s`, at a word boundary where there is one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from asr.features import ENCODER_FRAME_S
+from asr.text import BLANK_ID, SPACE_ID, VOCAB
+
+
+@dataclass(frozen=True)
+class Word:
+    word: str
+    start: float  # seconds
+    end: float
+    conf: float  # mean peak posterior of the word's characters, 0..1
+
+
+@dataclass(frozen=True)
+class Segment:
+    id: int
+    start: float
+    end: float
+    text: str
+    words: tuple[Word, ...]
+
+
+@dataclass(frozen=True)
+class Transcript:
+    segments: tuple[Segment, ...]
+    duration: float  # seconds of audio
+
+    @property
+    def text(self) -> str:
+        return " ".join(s.text for s in self.segments)
+
+    @property
+    def words(self) -> tuple[Word, ...]:
+        return tuple(w for s in self.segments for w in s.words)
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    pause_s: float = 0.8  # a pause this long ends a segment
+    max_segment_s: float = 10.0  # a segment this long ends at the next word boundary
+
+    def __post_init__(self) -> None:
+        if self.pause_s <= 0 or self.max_segment_s <= 0:
+            raise ValueError(f"pause_s and max_segment_s must be positive, got {self}")
+
+
+@dataclass
+class _WordInProgress:
+    chars: list[str] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)  # peak posterior of each character
+    start: int = 0  # frame of the first character
+    end: int = 0  # last frame on which the last character was the best token
+
+
+class GreedyCTCDecoder:
+    """Incremental greedy CTC decoder for one stream. Frames are numbered from the stream start."""
+
+    def __init__(
+        self,
+        vocab: tuple[str, ...] = VOCAB,
+        config: SegmenterConfig | None = None,
+        frame_s: float = ENCODER_FRAME_S,
+    ) -> None:
+        self.vocab = vocab
+        self.config = config or SegmenterConfig()
+        self.frame_s = frame_s
+        self.frame = 0  # index of the next frame to be fed
+        self.next_segment_id = 0
+        self._prev_token = BLANK_ID
+        self._words: list[Word] = []
+        self._word: _WordInProgress | None = None
+        self._last_char_frame = -1
+
+    def feed(self, log_probs: torch.Tensor) -> list[Segment]:
+        """log_probs (L, V) for the next L frames -> the segments these frames completed."""
+        best_logp, best = log_probs.detach().float().max(dim=-1)
+        done: list[Segment] = []
+        for logp, token in zip(best_logp.exp().tolist(), best.tolist(), strict=True):
+            self._step(token, logp, done)
+            self.frame += 1
+        return done
+
+    def flush(self) -> list[Segment]:
+        """End of stream (or an explicit endpoint): complete whatever is in progress."""
+        done: list[Segment] = []
+        self._end_segment(done)
+        self._prev_token = BLANK_ID
+        return done
+
+    def partial(self) -> Segment | None:
+        """The segment in progress, words not yet final included; None if it is empty."""
+        words = list(self._words)
+        if self._word is not None:
+            words.append(self._finished_word(self._word))
+        return self._segment(words, self.next_segment_id) if words else None
+
+    def _step(self, token: int, prob: float, done: list[Segment]) -> None:
+        t = self.frame
+        word = self._word
+        if token == self._prev_token and word is not None and token not in (BLANK_ID, SPACE_ID):
+            word.end = t  # a repeated frame of the same character
+            word.probs[-1] = max(word.probs[-1], prob)
+        elif token == SPACE_ID and token != self._prev_token:
+            self._end_word()
+        elif token not in (BLANK_ID, SPACE_ID):
+            if word is None:
+                word = self._word = _WordInProgress(start=t)
+            word.chars.append(self.vocab[token])
+            word.probs.append(prob)
+            word.end = t
+        self._prev_token = token
+        if token not in (BLANK_ID, SPACE_ID):
+            self._last_char_frame = t
+            self._maybe_split_long(done)
+        elif self._has_content() and (t - self._last_char_frame) * self.frame_s >= self.config.pause_s:
+            self._end_segment(done)
+
+    def _has_content(self) -> bool:
+        return bool(self._words) or self._word is not None
+
+    def _maybe_split_long(self, done: list[Segment]) -> None:
+        first = self._words[0].start if self._words else self._word.start * self.frame_s
+        if (self.frame + 1) * self.frame_s - first < self.config.max_segment_s:
+            return
+        if self._words:  # cut before the word in progress; it opens the next segment
+            word, self._word = self._word, None
+            self._end_segment(done)
+            self._word = word
+        else:  # one word as long as a whole segment: cut it
+            self._end_segment(done)
+
+    def _finished_word(self, w: _WordInProgress) -> Word:
+        return Word(
+            word="".join(w.chars),
+            start=round(w.start * self.frame_s, 3),
+            end=round((w.end + 1) * self.frame_s, 3),
+            conf=round(sum(w.probs) / len(w.probs), 4),
+        )
+
+    def _end_word(self) -> None:
+        if self._word is not None:
+            self._words.append(self._finished_word(self._word))
+            self._word = None
+
+    def _segment(self, words: list[Word], seg_id: int) -> Segment:
+        return Segment(seg_id, words[0].start, words[-1].end, " ".join(w.word for w in words), tuple(words))
+
+    def _end_segment(self, done: list[Segment]) -> None:
+        self._end_word()
+        if self._words:
+            done.append(self._segment(self._words, self.next_segment_id))
+            self.next_segment_id += 1
+            self._words = []
+
+
+def decode(log_probs: torch.Tensor, vocab: tuple[str, ...] = VOCAB, config: SegmenterConfig | None = None) -> Transcript:
+    """Offline greedy decoding of one utterance. log_probs (L, V)."""
+    decoder = GreedyCTCDecoder(vocab, config)
+    segments = decoder.feed(log_probs) + decoder.flush()
+    return Transcript(tuple(segments), duration=log_probs.shape[0] * decoder.frame_s)

@@ -1,0 +1,1 @@
+"""export package (see README.md)."""

@@ -1,0 +1,1 @@
+"""streaming package (see README.md)."""
