@@ -80,7 +80,9 @@ def save_model(
 def _parse_config(raw: dict[str, Any], where: Path) -> ModelConfig:
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
-        raise ModelLoadError(f"{where}: format_version {version!r} is not supported (this build reads {FORMAT_VERSION})")
+        raise ModelLoadError(
+            f"{where}: format_version {version!r} is not supported (this build reads {FORMAT_VERSION})"
+        )
     missing = [k for k in ("dims", "features", "cmvn", "vocab") if k not in raw]
     if missing:
         raise ModelLoadError(f"{where}: missing keys {missing}")

@@ -128,18 +128,22 @@ def _add_init_model(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dir", type=Path, help="model directory to create")
     p.add_argument("--d-model", type=_positive_int, default=defaults.d_model, help="width (default: %(default)s)")
-    p.add_argument("--layers", type=_positive_int, default=defaults.n_layers, help="Mamba blocks (default: %(default)s)")
-    p.add_argument("--d-state", type=_positive_int, default=defaults.d_state, help="SSM state size (default: %(default)s)")
-    p.add_argument("--head-dim", type=_positive_int, default=defaults.head_dim, help="SSM head size (default: %(default)s)")
+    p.add_argument(
+        "--layers", type=_positive_int, default=defaults.n_layers, help="Mamba blocks (default: %(default)s)"
+    )
+    p.add_argument(
+        "--d-state", type=_positive_int, default=defaults.d_state, help="SSM state size (default: %(default)s)"
+    )
+    p.add_argument(
+        "--head-dim", type=_positive_int, default=defaults.head_dim, help="SSM head size (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_init_model)
 
 
 def cmd_init_model(args: argparse.Namespace) -> int:
     try:
-        dims = ModelDimensions(
-            d_model=args.d_model, n_layers=args.layers, d_state=args.d_state, head_dim=args.head_dim
-        )
+        dims = ModelDimensions(d_model=args.d_model, n_layers=args.layers, d_state=args.d_state, head_dim=args.head_dim)
     except ValueError as e:
         raise CLIError(str(e)) from e
     torch.manual_seed(args.seed)

@@ -166,7 +166,9 @@ class GreedyCTCDecoder:
             self._words = []
 
 
-def decode(log_probs: torch.Tensor, vocab: tuple[str, ...] = VOCAB, config: SegmenterConfig | None = None) -> Transcript:
+def decode(
+    log_probs: torch.Tensor, vocab: tuple[str, ...] = VOCAB, config: SegmenterConfig | None = None
+) -> Transcript:
     """Offline greedy decoding of one utterance. log_probs (L, V)."""
     decoder = GreedyCTCDecoder(vocab, config)
     segments = decoder.feed(log_probs) + decoder.flush()

@@ -119,9 +119,7 @@ def ssd_scan(
     chunk_states = torch.einsum("bcsgn,bcsgrp->bcgrpn", Bc, xdt * to_end[..., None])
 
     # 3. Link the chunks: the state entering each chunk.
-    state = (
-        x.new_zeros(b, g, r, p, n) if initial_state is None else initial_state.float().reshape(b, g, r, p, n)
-    )
+    state = x.new_zeros(b, g, r, p, n) if initial_state is None else initial_state.float().reshape(b, g, r, p, n)
     chunk_decay = torch.exp(a_cs[:, :, -1])[..., None, None]  # (b, c, g, r, 1, 1)
     entering = []
     for c in range(nc):
