@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -153,12 +154,118 @@ def cmd_init_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="synthesize a LibriSpeech-layout corpus with every English TTS voice",
+        description="Synthesize speech from sentences with espeak-ng (accents x variants), flite and festival, "
+        "drawing a speaking rate, pitch and volume per utterance. Writes 16 kHz FLAC in the LibriSpeech "
+        "layout (speaker/chapter/speaker-chapter-NNNN.flac + .trans.txt) and a JSONL manifest "
+        "(OUT/<split>.jsonl). Splits never share a sentence; the same seed gives the same corpus.",
+    )
+    p.add_argument("--out", type=Path, help="corpus root to write into")
+    p.add_argument("--hours", type=_positive_float, help="hours of speech to make (planned from word counts)")
+    p.add_argument("--text", type=Path, help="sentences, one per line or source<TAB>sentence (.xz ok) "
+                   "(default: ../shared/data/text/sentences.norm.txt.xz)")  # fmt: skip
+    p.add_argument("--split", choices=("train", "dev", "test"), default="train", help="default: train")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--jobs", type=_positive_int, help="parallel processes (default: all cores)")
+    p.add_argument("--engines", default="espeak,flite,festival", help="comma-separated (default: all three)")
+    p.add_argument("--holdout-voices", action="store_true", help="test split from the held-out voices only")
+    p.add_argument("--list-voices", action="store_true", help="print the voice inventory and exit")
+    p.set_defaults(func=cmd_synth)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from asr import synth
+
+    try:
+        engines = synth.parse_engines(args.engines)
+        if args.list_voices:
+            print(synth.voice_table(synth.list_voices(engines)))
+            return 0
+        if args.out is None or args.hours is None:
+            raise CLIError("asr synth needs --out DIR and --hours H (or --list-voices)")
+        report = synth.build_corpus(
+            args.out,
+            args.hours,
+            args.text or synth.default_text_path(),
+            split=args.split,
+            seed=args.seed,
+            jobs=args.jobs,
+            engines=engines,
+            heldout=args.holdout_voices,
+        )
+    except synth.SynthError as e:
+        raise CLIError(str(e)) from e
+    if args.holdout_voices or args.split == "test":
+        print(f"held-out voices ({len(report.held_out)}): {', '.join(report.held_out)}")
+    for error in report.failed:
+        print(f"asr synth: failed: {error}", file=sys.stderr)
+    print(
+        f"{report.utterances} utterances, {report.hours:.2f} h, {report.voices} voices -> {args.out} "
+        f"(manifest {report.manifest}); {len(report.failed)} failed"
+    )
+    return 1 if report.failed and not report.utterances else 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="word error rate of a model on a data set",
+        description="Decode a data set and score it with jiwer: WER, CER, substitutions, deletions, insertions, "
+        "utterances, hours and RTFx. PATH is a LibriSpeech root (e.g. LibriSpeech/test-clean), a JSONL "
+        "manifest or a transcripts.tsv. The last line is `WER <x.xx>% on <n> utterances (<h.hh> h)`.",
+    )
+    p.add_argument("--data", type=Path, required=True, metavar="PATH", help="data to evaluate on")
+    add_model_args(p)
+    p.add_argument("--mode", choices=("offline", "streaming"), default="offline", help="default: offline")
+    p.add_argument("--chunk-ms", type=_positive_int, default=1000, help="streaming chunk in ms (default: 1000)")
+    p.add_argument("--limit", type=_positive_int, help="only the first N utterances")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the summary as JSON")
+    p.add_argument("--errors", type=Path, metavar="OUT", help="write per-utterance alignments, worst first")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from asr.data import DataError, read_source
+    from asr.evaluate import evaluate, write_errors
+
+    device = resolve_device(args.device)
+    model, config = load_model(resolve_model_dir(args.model), device=device)
+    try:
+        source = read_source(args.data)
+    except DataError as e:
+        raise CLIError(str(e)) from e
+    for line in source.skipped:
+        print(f"asr eval: skipped: {line}", file=sys.stderr)
+    utts = source.utterances[: args.limit] if args.limit else source.utterances
+    if not utts:
+        raise CLIError(f"{args.data}: no utterances to evaluate")
+
+    def report(message: str) -> None:
+        tqdm.write(f"asr eval: unreadable, skipped: {message}", file=sys.stderr)
+
+    summary, results = evaluate(
+        model, utts, args.mode, device, args.chunk_ms, config.vocab, progress=not args.quiet, on_error=report
+    )
+    if args.errors:
+        write_errors(results, args.errors)
+    if args.json:
+        args.json.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+    print(summary.report(str(args.data), skipped=len(source.skipped)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asr", description="Streaming speech recognition (causal Mamba + CTC).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_transcribe(sub)
     _add_init_model(sub)
+    _add_synth(sub)
+    _add_eval(sub)
     return parser
 
 

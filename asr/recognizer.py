@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from asr.features import N_MELS, SUBSAMPLING, LogMel, StreamingLogMel
+from asr.features import N_MELS, SUBSAMPLING, LogMel, StreamingLogMel, num_frames
 from asr.model import ASRModel
 
 
@@ -45,7 +45,26 @@ class StreamRecognizer:
 
 
 @torch.inference_mode()
+def batch_log_probs(
+    model: ASRModel, audios: list[torch.Tensor], device: torch.device | str = "cpu"
+) -> list[torch.Tensor]:
+    """Whole utterances in one padded batch: audio (N_i,) 16 kHz each -> log-probs (L_i, V) each.
+
+    Feature frames past each utterance's end are set to the CMVN mean, as streaming pads them,
+    so every row's last frame matches the streaming path too.
+    """
+    lengths = [a.numel() for a in audios]
+    padded = torch.zeros(len(audios), max(lengths), device=device)
+    for i, a in enumerate(audios):
+        padded[i, : a.numel()] = a.to(device)
+    feats = LogMel().to(device)(padded)
+    frames = [num_frames(n) for n in lengths]
+    for i, n in enumerate(frames):
+        feats[i, n:] = model.cmvn_mean.to(feats.dtype)
+    log_probs = model(feats).float().log_softmax(-1)
+    return [log_probs[i, : -(-n // SUBSAMPLING)] for i, n in enumerate(frames)]
+
+
 def offline_log_probs(model: ASRModel, audio: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """Whole-utterance pass: audio (N,) 16 kHz -> log-probs (L, V)."""
-    feats = LogMel().to(device)(audio.to(device))
-    return model(feats.unsqueeze(0))[0].float().log_softmax(-1)
+    return batch_log_probs(model, [audio], device)[0]

@@ -59,3 +59,24 @@ def write_audio(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def sentences_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """400 short distinct sentences: enough that every split gets some."""
+    words = ["RED", "GREEN", "BLUE", "SMALL", "LARGE", "HOUSE", "RIVER", "STONE", "BIRD", "LIGHT"]
+    lines = [f"THE {words[i % 10]} {words[(i // 10) % 10]} {words[(i // 100) % 10]} NUMBER {i}" for i in range(400)]
+    path = tmp_path_factory.mktemp("text") / "sentences.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory, sentences_file: Path) -> Path:
+    """A few espeak-ng utterances in the LibriSpeech layout, with a train.jsonl manifest."""
+    from asr.synth import build_corpus
+
+    root = tmp_path_factory.mktemp("corpus") / "LibriSpeech" / "train-tiny"
+    report = build_corpus(root, 0.006, sentences_file, "train", seed=0, jobs=2, engines=("espeak",), progress=False)
+    assert report.utterances >= 4 and not report.failed
+    return root
