@@ -165,8 +165,12 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, help="corpus root to write into")
     p.add_argument("--hours", type=_positive_float, help="hours of speech to make (planned from word counts)")
-    p.add_argument("--text", type=Path, help="sentences, one per line or source<TAB>sentence (.xz ok) "
-                   "(default: ../shared/data/text/sentences.norm.txt.xz)")  # fmt: skip
+    p.add_argument(
+        "--text",
+        type=Path,
+        help="sentences, one per line or source<TAB>sentence, .xz ok "
+        "(default: ../shared/data/text/sentences.norm.txt.xz)",
+    )
     p.add_argument("--split", choices=("train", "dev", "test"), default="train", help="default: train")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--jobs", type=_positive_int, help="parallel processes (default: all cores)")
@@ -258,6 +262,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from training.cli import DESCRIPTION, add_arguments
+
+    p = sub.add_parser("train", help="train a model from a TOML config", description=DESCRIPTION)
+    add_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.cli import run
+
+    return run(args)
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plot", help="draw a training run's curves to a PNG", description="Plot RUN_DIR/metrics.csv to a PNG."
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("-o", "--out", type=Path, help="PNG to write (default: RUN_DIR/curves.png)")
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from training.plot import plot_run
+
+    if not (args.run_dir / "metrics.csv").is_file():
+        raise CLIError(f"{args.run_dir}: no metrics.csv (is it a training run folder?)")
+    try:
+        print(plot_run(args.run_dir, args.out))
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asr", description="Streaming speech recognition (causal Mamba + CTC).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -266,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init_model(sub)
     _add_synth(sub)
     _add_eval(sub)
+    _add_train(sub)
+    _add_plot(sub)
     return parser
 
 

@@ -208,7 +208,8 @@ class SpeechDataset(torch.utils.data.Dataset):
     """Decodes audio (soundfile, resampled to 16 kHz), augments it, and tokenizes the text.
 
     `augment(audio, rng) -> audio` gets a numpy Generator seeded from (seed, epoch, index), so
-    an epoch is reproducible. An unreadable file yields None; `collate` drops it.
+    an epoch is reproducible. `load(path)` reads audio (default: decode the file). An unreadable
+    file yields None; `collate` drops it.
     """
 
     def __init__(
@@ -217,10 +218,12 @@ class SpeechDataset(torch.utils.data.Dataset):
         tokenizer: Tokenizer | None = None,
         augment: Callable[[torch.Tensor, np.random.Generator], torch.Tensor] | None = None,
         seed: int = 0,
+        load: Callable[[Path], torch.Tensor] = load_audio,
     ) -> None:
         self.utts = list(utts)
         self.tokenizer = tokenizer or Tokenizer()
         self.augment = augment
+        self.load = load
         self.seed = seed
         self.epoch = 0
 
@@ -230,7 +233,7 @@ class SpeechDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor, list[int]] | None:
         utt = self.utts[index]
         try:
-            audio = load_audio(utt.audio)
+            audio = self.load(utt.audio)
         except AudioError:
             return None
         if self.augment is not None:

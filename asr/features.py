@@ -45,6 +45,12 @@ def num_frames(n_samples: int) -> int:
     return 1 + (n_samples - WINDOW_SAMPLES) // HOP_SAMPLES
 
 
+def frame_lengths(sample_lengths: torch.Tensor) -> torch.Tensor:
+    """`num_frames` for a tensor of sample counts."""
+    frames = torch.div(sample_lengths - WINDOW_SAMPLES, HOP_SAMPLES, rounding_mode="floor") + 1
+    return frames.clamp_min(0)
+
+
 class LogMel(torch.nn.Module):
     """Offline extractor. audio (..., N) float32 in [-1, 1] -> log-mel (..., T, N_MELS).
 

@@ -54,6 +54,7 @@ MAX_WORDS = 35
 FLITE_F0 = {"kal": 105.0, "kal16": 105.0, "awb": 110.0, "rms": 105.0, "slt": 170.0}
 FLITE_EXCLUDED = ("awb_time",)  # a limited-domain voice that only speaks clock times
 FESTIVAL_VOICE_DIR = Path("/usr/share/festival/voices")
+ENGINE_SHARE = {"espeak": 0.6, "flite": 0.25, "festival": 0.15}  # of utterances, over the engines in use
 WORDS_PER_SECOND = 2.6  # for planning hours before synthesis; the report gives measured hours
 
 
@@ -214,15 +215,24 @@ def load_sentences(path: Path, split: str) -> tuple[list[str], list[float]]:
 def plan_jobs(
     texts: list[str], weights: list[float], voices: list[Voice], hours: float, split: str, seed: int
 ) -> list[Job]:
-    """Decide every utterance (sentence, voice, prosody, file name) from the seed alone."""
+    """Decide every utterance (sentence, voice, prosody, file name) from the seed alone.
+
+    The engine is drawn first (ENGINE_SHARE), then a voice of it: espeak-ng has hundreds of
+    voices and the others a handful, and a uniform draw over voices would hide the others.
+    """
     rng = random.Random(f"{seed}:{split}")
+    by_engine: dict[str, list[Voice]] = defaultdict(list)
+    for v in voices:
+        by_engine[v.engine].append(v)
+    engines = sorted(by_engine)
+    shares = [ENGINE_SHARE[e] for e in engines]
     chapter = SPLIT_CHAPTER[split] + 10 * seed
     budget = hours * 3600
     counters: dict[int, int] = defaultdict(int)
     jobs = []
     while budget > 0:
         text = rng.choices(texts, weights)[0]
-        voice = rng.choice(voices)
+        voice = rng.choice(by_engine[rng.choices(engines, shares)[0]])
         prosody = Prosody(
             rate=round(math.exp(rng.uniform(math.log(0.75), math.log(1.4))), 3),
             pitch=round(math.exp(rng.uniform(math.log(0.8), math.log(1.25))), 3),
