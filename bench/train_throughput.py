@@ -66,7 +66,8 @@ def main() -> None:
     optimizer = make_optimizer(model, cfg.optim)
     logmel = LogMel().to(device)
     generator = torch.Generator(device=device).manual_seed(0)
-    batches = bucket_batches(utts, cfg.data.max_batch_seconds, random.Random(0))
+    index = {id(u): i for i, u in enumerate(utts)}
+    batches = [[index[id(u)] for u in b] for b in bucket_batches(utts, cfg.data.max_batch_seconds, random.Random(0))]
     dataset = SpeechDataset(utts, Tokenizer(), make_augmenter(cfg.data, utts, cache), load=cache)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                          num_workers=cfg.data.num_workers, pin_memory=True)  # fmt: skip
