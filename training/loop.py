@@ -225,6 +225,12 @@ def forward_backward(
 # ---------------------------------------------------------------- the run
 
 
+def _worker_init(_: int) -> None:
+    """Loader workers leave SIGTERM/SIGINT to the main process, which stops the run cleanly."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _Stop:
     """SIGTERM/SIGINT ask the loop to save a checkpoint and stop at the next step."""
 
@@ -284,6 +290,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -
             collate_fn=collate,
             num_workers=cfg.data.num_workers,
             pin_memory=device.type == "cuda",
+            worker_init_fn=_worker_init,
         )
         for batch in loader:
             model.train()
