@@ -80,3 +80,9 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.vocab[i] for i in ids if i != BLANK_ID)
+
+
+def ctc_min_frames(text: str) -> int:
+    """Fewest CTC output frames that can spell `text`: one per character, plus a blank between
+    each pair of equal neighbours (CTC merges repeats)."""
+    return len(text) + sum(a == b for a, b in zip(text, text[1:], strict=False))

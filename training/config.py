@@ -46,6 +46,7 @@ class DataConfig:
     num_workers: int = 4
     cache_audio: bool = False  # decode all training audio into RAM (int16) once
     dev_limit: int = 400  # dev utterances decoded at each evaluation
+    max_ctc_density: float = 0.9  # drop training utterances needing more of their output frames than this
     augment: AugmentSection = field(default_factory=AugmentSection)
 
 
@@ -116,6 +117,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.max_batch_seconds": (lambda v: v > 0, "> 0"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
     "data.dev_limit": (lambda v: v > 0, "> 0"),
+    "data.max_ctc_density": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "data.train": (lambda v: len(v) > 0, "at least one source"),
 }
 

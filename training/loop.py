@@ -29,7 +29,7 @@ from asr.data import DataError, DataSource, SpeechDataset, Utterance, bucket_bat
 from asr.evaluate import evaluate
 from asr.features import CMVN, SAMPLE_RATE, CMVNAccumulator, LogMel, frame_lengths
 from asr.model import ASRModel
-from asr.text import Tokenizer
+from asr.text import Tokenizer, ctc_min_frames
 from training.config import DataConfig, OptimConfig, SourceConfig, TrainConfig
 from training.metrics import MetricsLogger, Row, forward_flops_per_second_of_audio
 from training.specaugment import spec_augment
@@ -94,11 +94,24 @@ def _read(src: SourceConfig) -> DataSource:
     return source
 
 
+def fits_ctc(utt: Utterance, max_density: float) -> bool:
+    """Whether the transcript fits the utterance's encoder frames with room to spare."""
+    frames = ASRModel.output_lengths(frame_lengths(torch.tensor(round(utt.duration * SAMPLE_RATE))))
+    return ctc_min_frames(utt.text) <= max_density * int(frames)
+
+
 def prepare_data(cfg: DataConfig) -> TrainData:
-    """Read every source; a missing path or an empty source fails here, before any GPU work."""
-    train = tuple(_read(s) for s in cfg.train)
+    """Read every source; a missing path or an empty source fails here, before any GPU work.
+    Training utterances too dense for CTC (see `fits_ctc`) are dropped."""
+    train = []
+    for src in cfg.train:
+        source = _read(src)
+        kept = tuple(u for u in source.utterances if fits_ctc(u, cfg.max_ctc_density))
+        if not kept:
+            raise DataError(f"{src.path}: every utterance is too fast for CTC at 40 ms frames")
+        train.append(DataSource(source.name, kept, source.skipped))
     dev = tuple(u for s in cfg.dev for u in _read(s).utterances)
-    return TrainData(train, tuple(s.weight for s in cfg.train), dev[: cfg.dev_limit])
+    return TrainData(tuple(train), tuple(s.weight for s in cfg.train), dev[: cfg.dev_limit])
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
