@@ -20,6 +20,7 @@ from torch import nn
 from asr.features import CMVN, N_MELS, SUBSAMPLING
 from asr.ssm import causal_conv1d, gated_rms_norm, rms_norm, ssd_scan
 from asr.text import VOCAB
+from kernels import ssd_scan as triton_scan
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,8 @@ class Mamba2Mixer(nn.Module):
         x, B, C = xbc.split([d.d_inner, d.n_groups * d.d_state, d.n_groups * d.d_state], dim=-1)
         x = x.reshape(b, l, d.n_heads, d.head_dim)
         dt = F.softplus(dt.float() + self.dt_bias.float())
-        y, final = ssd_scan(
+        scan = triton_scan.ssd_scan if x.is_cuda else ssd_scan  # same function; Triton on CUDA
+        y, final = scan(
             x,
             dt,
             -torch.exp(self.A_log.float()),
