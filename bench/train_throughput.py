@@ -69,8 +69,9 @@ def main() -> None:
     index = {id(u): i for i, u in enumerate(utts)}
     batches = [[index[id(u)] for u in b] for b in bucket_batches(utts, cfg.data.max_batch_seconds, random.Random(0))]
     dataset = SpeechDataset(utts, Tokenizer(), make_augmenter(cfg.data, utts, cache), load=cache)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                         num_workers=cfg.data.num_workers, pin_memory=True)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=True
+    )
     times = {"data": 0.0, "features": 0.0, "forward+backward": 0.0, "optimizer": 0.0}
     audio_s, frames_seen, shapes = 0.0, 0, []
     it = iter(loader)
@@ -90,8 +91,13 @@ def main() -> None:
         _, frames = forward_backward(model, feats, lengths, batch, cfg)
         torch.cuda.synchronize()
         times["forward+backward"] += time.perf_counter() - t
-        times["optimizer"] += cuda_time(lambda: (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0),
-                                                 optimizer.step(), optimizer.zero_grad(set_to_none=True)))  # fmt: skip
+        times["optimizer"] += cuda_time(
+            lambda: (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0),
+                optimizer.step(),
+                optimizer.zero_grad(set_to_none=True),
+            )
+        )
         audio_s += float(batch.audio_lengths.sum()) / SAMPLE_RATE
         frames_seen += frames
         shapes.append((batch.audio.shape[0], -(-batch.audio.shape[1] // 640)))
@@ -105,8 +111,10 @@ def main() -> None:
     print("| phase | ms/step | share |\n|---|---|---|")
     for name, sec in times.items():
         print(f"| {name} | {1000 * sec / args.steps:.1f} | {100 * sec / wall:.0f}% |")
-    print(f"| of which selective scan (fwd+bwd, {b}x{f} frames) | {1000 * scan / args.steps:.1f} | "
-          f"{100 * scan / wall:.0f}% |")  # fmt: skip
+    print(
+        f"| of which selective scan (fwd+bwd, {b}x{f} frames) | {1000 * scan / args.steps:.1f} | "
+        f"{100 * scan / wall:.0f}% |"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="TOML training config")
     p.add_argument("--resume", type=Path, help="run folder (its newest checkpoint) or one ckpt-* folder")
+    p.add_argument("--until-step", type=int, help="stop at this step with a checkpoint (the schedule is unchanged)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -29,10 +31,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config)
-        result = train(cfg, resume=args.resume, progress=not args.quiet)
+        result = train(cfg, resume=args.resume, progress=not args.quiet, until_step=args.until_step)
     except (ConfigError, DataError, ModelLoadError) as e:
         print(f"asr train: error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     best = "n/a" if result.best_wer == float("inf") else f"{100 * result.best_wer:.2f}%"
     print(f"stopped at step {result.step}; best dev WER {best}; last checkpoint {result.last_checkpoint}")
     return 0

@@ -6,6 +6,7 @@ same epoch plan and takes every WORLD_SIZE-th batch; rank 0 logs, evaluates and 
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing as mp
 import os
@@ -52,6 +53,23 @@ class TrainData:
     train: tuple[DataSource, ...]
     weights: tuple[float, ...]
     dev: tuple[Utterance, ...]
+    dropped: tuple[int, ...]  # per training source: utterances too fast for CTC
+
+    def summary(self) -> dict:
+        """What the run trains on; written to RUN/data.json and printed at the start."""
+        sources = [
+            {
+                "source": s.name,
+                "utterances": len(s.utterances),
+                "hours": round(s.hours, 3),
+                "weight": w,
+                "dropped_too_fast": d,
+                "skipped_unreadable": len(s.skipped),
+            }
+            for s, w, d in zip(self.train, self.weights, self.dropped, strict=True)
+        ]
+        dev_hours = sum(u.duration for u in self.dev) / 3600
+        return {"train": sources, "dev": {"utterances": len(self.dev), "hours": round(dev_hours, 3)}}
 
 
 @dataclass(frozen=True)
@@ -103,15 +121,16 @@ def fits_ctc(utt: Utterance, max_density: float) -> bool:
 def prepare_data(cfg: DataConfig) -> TrainData:
     """Read every source; a missing path or an empty source fails here, before any GPU work.
     Training utterances too dense for CTC (see `fits_ctc`) are dropped."""
-    train = []
+    train, dropped = [], []
     for src in cfg.train:
         source = _read(src)
         kept = tuple(u for u in source.utterances if fits_ctc(u, cfg.max_ctc_density))
         if not kept:
             raise DataError(f"{src.path}: every utterance is too fast for CTC at 40 ms frames")
         train.append(DataSource(source.name, kept, source.skipped))
+        dropped.append(len(source.utterances) - len(kept))
     dev = tuple(u for s in cfg.dev for u in _read(s).utterances)
-    return TrainData(tuple(train), tuple(s.weight for s in cfg.train), dev[: cfg.dev_limit])
+    return TrainData(tuple(train), tuple(s.weight for s in cfg.train), dev[: cfg.dev_limit], tuple(dropped))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -245,107 +264,168 @@ def _worker_init(_: int) -> None:
 
 
 class _Stop:
-    """SIGTERM/SIGINT ask the loop to save a checkpoint and stop at the next step."""
+    """While active, SIGTERM/SIGINT ask the loop to save a checkpoint and stop at the next step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {}
+
+    def __enter__(self) -> _Stop:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame) -> None:
         self.requested = True
 
 
-def train(cfg: TrainConfig, resume: Path | None = None, progress: bool = True) -> TrainResult:
-    d = setup_distributed()
-    data = prepare_data(cfg.data)
-    device = pick_device(cfg.run.device, d)
-    run_dir = Path(cfg.run.out_dir)
-    torch.manual_seed(cfg.run.seed)
-    random.seed(cfg.run.seed)
+class Trainer:
+    """One training run. `run()` is the loop; each other method is one part of a step."""
 
-    model = ASRModel(cfg.model).to(device)
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim))
-    generator = torch.Generator(device=device).manual_seed(cfg.run.seed + d.rank)
-    logmel = LogMel().to(device)
-    all_train = [u for s in data.train for u in s.utterances]
-    load = AudioCache(all_train, os.cpu_count() or 1, progress and d.main) if cfg.data.cache_audio else load_audio
+    def __init__(self, cfg: TrainConfig, resume: Path | None, progress: bool) -> None:
+        self.cfg, self.d = cfg, setup_distributed()
+        self.data = prepare_data(cfg.data)
+        self.device = pick_device(cfg.run.device, self.d)
+        self.run_dir = Path(cfg.run.out_dir)
+        torch.manual_seed(cfg.run.seed)
+        random.seed(cfg.run.seed)
+        self.model = ASRModel(cfg.model).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.optim))
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.run.seed + self.d.rank)
+        self.logmel = LogMel().to(self.device)
+        self.all_train = [u for s in self.data.train for u in s.utterances]
+        show = progress and self.d.main
+        self.load = AudioCache(self.all_train, os.cpu_count() or 1, show) if cfg.data.cache_audio else load_audio
+        self.augment = make_augmenter(cfg.data, self.all_train, self.load)
+        self.state, self.last_ckpt = self._restore(resume), self.run_dir
+        self.net: torch.nn.Module = self.model
+        if self.d.world > 1:
+            ids = [self.d.local_rank] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        self.logger = MetricsLogger(self.run_dir) if self.d.main else None
+        self.bar = tqdm(total=cfg.optim.max_steps, initial=self.state.step, desc="train", disable=not show)
+        self.flops_per_audio_s = 3 * forward_flops_per_second_of_audio(cfg.model)
+        self.window_audio, self.window_start, self.start = 0.0, time.perf_counter(), time.perf_counter()
 
-    state = TrainerState()
-    ckpt = latest_checkpoint(resume) if resume is not None else None
-    if resume is not None and ckpt is None:
-        raise DataError(f"--resume {resume}: no complete checkpoint there")
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, generator)
-    else:
-        model.set_cmvn(compute_cmvn(data, cfg, logmel, device, load))
-    net: torch.nn.Module = model
-    if d.world > 1:
-        net = DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    def _restore(self, resume: Path | None) -> TrainerState:
+        """The newest checkpoint under `resume`, or a fresh start with CMVN from the data."""
+        if resume is None:
+            self.model.set_cmvn(compute_cmvn(self.data, self.cfg, self.logmel, self.device, self.load))
+            return TrainerState()
+        ckpt = latest_checkpoint(resume)
+        if ckpt is None:
+            raise DataError(f"--resume {resume}: no complete checkpoint there")
+        self.last_ckpt = ckpt
+        return load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.generator)
 
-    logger = MetricsLogger(run_dir) if d.main else None
-    flops_per_audio_s = 3 * forward_flops_per_second_of_audio(cfg.model)
-    stop = _Stop()
-    bar = tqdm(total=cfg.optim.max_steps, initial=state.step, desc="train", disable=not (progress and d.main))
-    last_ckpt = ckpt or run_dir
-    window_audio, window_start, start_time = 0.0, time.perf_counter(), time.perf_counter()
-    augment = make_augmenter(cfg.data, all_train, load)
+    def run(self, until_step: int | None) -> TrainResult:
+        if self.d.main:
+            summary = json.dumps(self.data.summary(), indent=2)
+            (self.run_dir / "data.json").write_text(summary + "\n")
+            tqdm.write(f"training data: {summary}")
+        last_step = min(self.cfg.optim.max_steps, until_step or self.cfg.optim.max_steps)
+        with _Stop() as stop:
+            while self.state.step < last_step and not stop.requested:
+                for batch in self._loader():
+                    self._step(batch)
+                    done = self.state.step >= last_step or stop.requested
+                    self._report(save=done)
+                    if done:
+                        break
+                else:
+                    self.state.epoch += 1
+                    self.state.batch = 0
+        self._close()
+        return TrainResult(self.state.step, self.state.best_wer, self.last_ckpt, self.run_dir)
 
-    while state.step < cfg.optim.max_steps and not stop.requested:
-        utts, batches = epoch_plan(data, cfg, state.epoch)
-        mine = batches[d.rank :: d.world][: len(batches) // d.world]  # equal count on every rank
-        dataset = SpeechDataset(utts, Tokenizer(), augment, seed=cfg.run.seed, load=load)
-        dataset.epoch = state.epoch
-        loader = torch.utils.data.DataLoader(
+    def _loader(self) -> torch.utils.data.DataLoader:
+        """This rank's remaining batches of the current epoch (resumes mid-epoch)."""
+        utts, batches = epoch_plan(self.data, self.cfg, self.state.epoch)
+        mine = batches[self.d.rank :: self.d.world][: len(batches) // self.d.world]  # equal count on every rank
+        dataset = SpeechDataset(utts, Tokenizer(), self.augment, seed=self.cfg.run.seed, load=self.load)
+        dataset.epoch = self.state.epoch
+        return torch.utils.data.DataLoader(
             dataset,
-            batch_sampler=mine[state.batch :],
+            batch_sampler=mine[self.state.batch :],
             collate_fn=collate,
-            num_workers=cfg.data.num_workers,
-            pin_memory=device.type == "cuda",
+            num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
             worker_init_fn=_worker_init,
         )
-        for batch in loader:
-            model.train()
-            feats, lengths = batch_features(batch, logmel, model.cmvn_mean, cfg, device, generator)
-            loss, _ = forward_backward(net, feats, lengths, batch, cfg)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.batch += 1
-            window_audio += float(batch.audio_lengths.sum()) / SAMPLE_RATE * d.world
-            bar.update(1)
 
-            dev_wer = None
-            if d.main and state.step % cfg.run.eval_every == 0 and data.dev:
-                dev_wer = _dev_wer(model, data.dev, device)
-            if d.main and (state.step % cfg.run.log_every == 0 or dev_wer is not None):
-                elapsed = time.perf_counter() - window_start
-                rate = window_audio / elapsed
-                mfu = rate * flops_per_audio_s / (cfg.run.peak_tflops * 1e12) if device.type == "cuda" else 0.0
-                lr = scheduler.get_last_lr()[0]
-                total = time.perf_counter() - start_time
-                row = Row(state.step, state.epoch, float(loss), lr, float(grad_norm), rate, mfu, dev_wer, total)
-                logger.log(row)
-                bar.set_postfix(loss=f"{row.loss:.3f}", lr=f"{lr:.2e}", audio_s_per_s=f"{rate:.0f}")
-                window_audio, window_start = 0.0, time.perf_counter()
-            save_now = state.step % cfg.run.save_every == 0 or state.step >= cfg.optim.max_steps or stop.requested
-            if d.main and (save_now or dev_wer is not None):
-                last_ckpt = _save(run_dir, cfg, model, optimizer, scheduler, state, generator, dev_wer)
-            if state.step >= cfg.optim.max_steps or stop.requested:
-                break
-        else:
-            state.epoch += 1
-            state.batch = 0
-    bar.close()
-    if logger is not None:
-        logger.close()
-    if d.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return TrainResult(state.step, state.best_wer, last_ckpt, run_dir)
+    def _step(self, batch) -> None:
+        self.model.train()
+        feats, lengths = batch_features(batch, self.logmel, self.model.cmvn_mean, self.cfg, self.device, self.generator)
+        self.loss, _ = forward_backward(self.net, feats, lengths, batch, self.cfg)
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.batch += 1
+        self.window_audio += float(batch.audio_lengths.sum()) / SAMPLE_RATE * self.d.world
+        self.bar.update(1)
+
+    def _report(self, save: bool) -> None:
+        """Rank 0: dev WER, metrics and checkpoints when their intervals come round."""
+        if not self.d.main:
+            return
+        run, step = self.cfg.run, self.state.step
+        dev_wer = (
+            _dev_wer(self.model, self.data.dev, self.device) if step % run.eval_every == 0 and self.data.dev else None
+        )
+        if step % run.log_every == 0 or dev_wer is not None:
+            self._log(dev_wer)
+        if save or step % run.save_every == 0 or dev_wer is not None:
+            self.last_ckpt = _save(
+                self.run_dir, self.cfg, self.model, self.optimizer, self.scheduler, self.state, self.generator, dev_wer
+            )
+
+    def _log(self, dev_wer: float | None) -> None:
+        now = time.perf_counter()
+        rate = self.window_audio / (now - self.window_start)
+        peak = self.cfg.run.peak_tflops * 1e12
+        mfu = rate * self.flops_per_audio_s / peak if self.device.type == "cuda" else 0.0
+        lr = self.scheduler.get_last_lr()[0]
+        row = Row(
+            self.state.step,
+            self.state.epoch,
+            float(self.loss),
+            lr,
+            float(self.grad_norm),
+            rate,
+            mfu,
+            dev_wer,
+            now - self.start,
+        )
+        self.logger.log(row)
+        self.bar.set_postfix(loss=f"{row.loss:.3f}", lr=f"{lr:.2e}", audio_s_per_s=f"{rate:.0f}")
+        self.window_audio, self.window_start = 0.0, now
+
+    def _close(self) -> None:
+        self.bar.close()
+        if self.logger is not None:
+            self.logger.close()
+        if self.d.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def train(
+    cfg: TrainConfig, resume: Path | None = None, progress: bool = True, until_step: int | None = None
+) -> TrainResult:
+    """Train per `cfg`, from scratch or from the newest checkpoint under `resume`.
+
+    `until_step` stops early, with a checkpoint, without changing the schedule (which still runs
+    to optim.max_steps): a long run can be cut into pieces that each fit a time limit.
+    """
+    return Trainer(cfg, resume, progress).run(until_step)
 
 
 def _dev_wer(model: ASRModel, dev: Sequence[Utterance], device: torch.device) -> float:
