@@ -68,6 +68,7 @@ def main() -> None:
     generator = torch.Generator(device=device).manual_seed(0)
     index = {id(u): i for i, u in enumerate(utts)}
     batches = [[index[id(u)] for u in b] for b in bucket_batches(utts, cfg.data.max_batch_seconds, random.Random(0))]
+    batches *= -(-(args.warmup + args.steps) // len(batches))  # repeat epochs for a small corpus
     dataset = SpeechDataset(utts, Tokenizer(), make_augmenter(cfg.data, utts, cache), load=cache)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=True
