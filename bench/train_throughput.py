@@ -17,8 +17,8 @@ import torch
 from asr.data import SpeechDataset, bucket_batches, collate, read_source
 from asr.features import SAMPLE_RATE, LogMel
 from asr.model import ASRModel
-from asr.ssm import ssd_scan
 from asr.text import Tokenizer
+from kernels.ssd_scan import ssd_scan  # what the model runs on CUDA
 from training.config import load_config
 from training.loop import AudioCache, batch_features, forward_backward, make_augmenter, make_optimizer
 from training.metrics import forward_flops_per_second_of_audio
