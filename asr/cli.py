@@ -297,6 +297,116 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="WebSocket streaming server (native protocol at /v1/stream, Vosk protocol at /vosk)",
+        description="Serve live transcription over WebSockets. Protocol: docs/protocol.md. Health at /healthz, "
+        "Prometheus metrics at /metrics. SIGTERM drains: stop accepting, send every open stream its finals, exit 0.",
+    )
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0 picks a free one)")
+    p.add_argument("--max-streams", type=_positive_int, default=64, help="state slots; more get HTTP 503 (default 64)")
+    p.add_argument("--token", help="require this token (Authorization: Bearer T, or ?token=T)")
+    p.add_argument("--tls-cert", type=Path, help="TLS certificate (PEM); with --tls-key serves wss://")
+    p.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="O", help="browser Origin to allow")
+    p.add_argument("--idle-timeout", type=_positive_float, default=30.0, help="seconds without a message (30)")
+    p.add_argument("--resume-ttl", type=_positive_float, default=30.0, help="seconds a dropped stream is kept (30)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from streaming.server import ASRServer, ServerConfig
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CLIError("--tls-cert and --tls-key go together")
+    device = resolve_device(args.device)
+    model, config = load_model(resolve_model_dir(args.model), device=device)
+    server_config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_streams=args.max_streams,
+        token=args.token,
+        allowed_origins=tuple(args.allowed_origin),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        idle_timeout_s=args.idle_timeout,
+        resume_ttl_s=args.resume_ttl,
+    )
+    info = {"dims": model.dims.to_dict(), "parameters": model.num_parameters(), "device": str(device)}
+    scheme = "wss" if args.tls_cert else "ws"
+
+    def ready(server: ASRServer) -> None:
+        print(f"listening on {scheme}://{args.host}:{server.port}/v1/stream (Vosk: /vosk)", flush=True)
+
+    asyncio.run(ASRServer(model, device, server_config, info).run_until_signal(ready))
+    print("drained, bye", flush=True)
+    return 0
+
+
+def _add_stream(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stream",
+        help="stream an audio file to a server and show live captions",
+        description="Stream FILE (any format; sent as 16 kHz pcm_s16le) to an `asr serve` server. Partials "
+        "overwrite one line; finals are printed with their times.",
+    )
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--url", default="ws://127.0.0.1:8765", help="server (default: ws://127.0.0.1:8765)")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--realtime", action="store_true", help="send at the speed of speech, like a microphone")
+    pace.add_argument("--fast", action="store_true", help="send as fast as the server takes it (default)")
+    p.add_argument("--token", help="auth token")
+    p.set_defaults(func=cmd_stream)
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from websockets.exceptions import InvalidStatus, WebSocketException
+
+    from clients.stream import main as stream_main
+
+    try:
+        return stream_main(args.url, args.file, args.realtime, args.token)
+    except AudioError as e:
+        raise CLIError(str(e)) from e
+    except InvalidStatus as e:
+        raise CLIError(
+            f"server refused the connection: HTTP {e.response.status_code} {e.response.body.decode().strip()}"
+        ) from e
+    except (OSError, WebSocketException) as e:
+        raise CLIError(f"cannot stream to {args.url}: {e}") from e
+
+
+def _add_mic(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mic",
+        help="live captions from the microphone",
+        description="Capture the default microphone (16 kHz mono, via sounddevice/PortAudio) and stream it to an "
+        "`asr serve` server; partials overwrite one line, finals get their own. Ctrl-C stops.",
+    )
+    p.add_argument("--url", default="ws://127.0.0.1:8765", help="server (default: ws://127.0.0.1:8765)")
+    p.add_argument("--token", help="auth token")
+    p.set_defaults(func=cmd_mic)
+
+
+def cmd_mic(args: argparse.Namespace) -> int:
+    from websockets.exceptions import WebSocketException
+
+    from clients.mic import MicrophoneError
+    from clients.mic import main as mic_main
+
+    try:
+        return mic_main(args.url, args.token)
+    except MicrophoneError as e:
+        raise CLIError(str(e)) from e
+    except (OSError, WebSocketException) as e:
+        raise CLIError(f"cannot stream to {args.url}: {e}") from e
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asr", description="Streaming speech recognition (causal Mamba + CTC).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -307,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_train(sub)
     _add_plot(sub)
+    _add_serve(sub)
+    _add_stream(sub)
+    _add_mic(sub)
     return parser
 
 

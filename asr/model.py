@@ -96,6 +96,21 @@ class EncoderState:
             t.zero_()
         return self
 
+    def select(self, rows: torch.Tensor) -> EncoderState:
+        """A new state holding copies of `rows` (slot indices) of this one."""
+        pick = [t.index_select(0, rows) for t in self.tensors()]
+        return _state_from(pick, len(self.layers))
+
+    def assign_(self, rows: torch.Tensor, other: EncoderState) -> None:
+        """Write `other` (len(rows) streams) into `rows` of this state, in place."""
+        for mine, theirs in zip(self.tensors(), other.tensors(), strict=True):
+            mine.index_copy_(0, rows, theirs)
+
+
+def _state_from(tensors: list[torch.Tensor], n_layers: int) -> EncoderState:
+    layers = [MambaLayerState(tensors[2 + 2 * i], tensors[3 + 2 * i]) for i in range(n_layers)]
+    return EncoderState(FrontEndState(tensors[0], tensors[1]), layers)
+
 
 def _halved(n: int) -> int:
     """Size after a kernel-3, stride-2 conv with one frame of padding on each side."""

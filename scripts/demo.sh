@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
-# make demo: synthesize a short recording and transcribe it with the bundled model.
+# make demo: transcribe the bundled sample to captions, then serve the bundled model and stream
+# the same sample through the WebSocket protocol so live captions appear.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ASR=.venv/bin/asr
 out=build/demo
 mkdir -p "$out"
-espeak-ng -v en-us -s 150 -w "$out/sample.wav" \
-  "Streaming speech recognition with a causal state space model. The server carries each stream's state between chunks."
-model_args=()
-if [ ! -f models/default/config.json ]; then
-  echo "NOTE: no trained model is bundled yet (models/default arrives with the training issue)."
-  echo "      Using an UNTRAINED random model: the words below are noise; the pipeline, formats and timing are real."
-  "$ASR" init-model "$out/untrained-model" --seed 0
-  model_args=(--model "$out/untrained-model")
-fi
-"$ASR" transcribe "$out/sample.wav" "${model_args[@]}" --output-dir "$out"
-echo "--- $out/sample.srt ---"
-cat "$out/sample.srt"
+sample=samples/demo.flac
+
+echo "== asr transcribe $sample"
+"$ASR" transcribe "$sample" --output-dir "$out" --format srt --quiet
+cat "$out/demo.srt"
+
+echo "== asr serve (bundled model), then asr stream --realtime"
+log="$out/server.log"
+"$ASR" serve --port 0 > "$log" 2>&1 &
+server=$!
+trap 'kill -TERM $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 300); do  # wait for the model to load (up to 30 s)
+  grep -q "^listening on" "$log" && break
+  sleep 0.1
+done
+url=$(sed -n 's/^listening on \(ws:\/\/[^/]*\)\/.*/\1/p' "$log")
+[ -n "$url" ] || { echo "server did not start:"; cat "$log"; exit 1; }
+echo "server: $url/v1/stream   (Vosk clients: $url/vosk, health: ${url/ws:/http:}/healthz)"
+"$ASR" stream "$sample" --url "$url" --realtime
+echo
+echo "Live captions from your microphone: $ASR serve   (then, in another terminal)   $ASR mic --url ws://127.0.0.1:8765"

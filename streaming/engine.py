@@ -1,0 +1,243 @@
+"""The streaming engine: a preallocated pool of per-stream state slots and one batcher per device.
+
+The event loop only enqueues commands (audio, flush, close) on an `asyncio.Queue`. The batcher
+awaits that queue, takes everything waiting, and runs the compute in its own worker thread:
+resampling, features, then batched `model.chunk` calls over every stream that has a whole
+encoder frame ready, then greedy decoding. Messages for clients go back to each stream's
+asyncio queue through `loop.call_soon_threadsafe`. Nothing polls.
+
+Each stream runs exactly the path of `asr transcribe` (same resampler, features, model state and
+decoder), so its finals equal the offline transcript; batching only adds float rounding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from asr.audio import StreamingResampler
+from asr.decoding import GreedyCTCDecoder, Segment, SegmenterConfig
+from asr.features import ENCODER_FRAME_S, N_MELS, SUBSAMPLING, LogMel, StreamingLogMel
+from asr.model import ASRModel
+from streaming.protocol import StreamOptions
+
+MAX_CHUNK_FRAMES = 25  # encoder frames (1 s) per batched step at most
+
+
+class CapacityError(Exception):
+    """Every state slot is taken."""
+
+
+@dataclass
+class Stream:
+    """One client stream. Fields below `out` belong to the batcher thread."""
+
+    id: str
+    resume_token: str
+    slot: int
+    sample_rate: int
+    options: StreamOptions
+    emit: Callable[[Stream, list[Segment], Segment | None, bool], None]  # finals, partial, closed
+    always_reply: bool = False  # Vosk: a reply (the current partial) after every processed command
+    backlog: int = 0  # samples enqueued but not yet processed (event-loop side)
+    on_drained: Callable[[], None] | None = None  # event-loop side: called as the backlog shrinks
+    closed: bool = False
+    resampler: StreamingResampler = field(init=False)
+    features: StreamingLogMel = field(init=False)
+    pending: torch.Tensor = field(init=False)  # feature frames not yet through the model
+    decoder: GreedyCTCDecoder = field(init=False)
+    last_partial: str = ""
+    last_partial_frame: int = -(10**9)
+
+    def reset(self, logmel: LogMel, device: torch.device) -> None:
+        self.resampler = StreamingResampler(self.sample_rate)
+        self.features = StreamingLogMel(logmel, device)
+        self.pending = torch.zeros(0, N_MELS, device=device)
+        seg = SegmenterConfig(pause_s=self.options.pause_s, max_segment_s=self.options.max_segment_s)
+        self.decoder = GreedyCTCDecoder(config=seg)
+        self.last_partial, self.last_partial_frame = "", -(10**9)
+
+
+@dataclass(frozen=True)
+class Command:
+    stream: Stream
+    kind: str  # audio | flush | close | reset | configure | drop
+    audio: np.ndarray | None = None
+    options: StreamOptions | None = None
+
+
+@dataclass
+class EngineStats:
+    """Read by /metrics. Updated by the batcher thread."""
+
+    steps: int = 0
+    last_batch: int = 0
+    step_seconds: list[float] = field(default_factory=list)  # drained by the metrics exporter
+    audio_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+
+class Engine:
+    """State pool + batcher for one model on one device."""
+
+    def __init__(self, model: ASRModel, device: torch.device, max_streams: int) -> None:
+        self.model = model.eval()
+        self.device = device
+        self.max_streams = max_streams
+        with torch.inference_mode():
+            self.pool = model.init_state(max_streams, device)
+        self.free = list(range(max_streams - 1, -1, -1))
+        self.logmel = LogMel().to(device)
+        self.streams: dict[str, Stream] = {}
+        self.queue: asyncio.Queue[Command] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
+        self.stats = EngineStats()
+        self._task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------ event-loop side
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.executor.shutdown(wait=True)
+
+    @property
+    def active(self) -> int:
+        return len(self.streams)
+
+    def open(self, sample_rate: int, options: StreamOptions, emit, always_reply: bool = False) -> Stream:
+        if not self.free:
+            raise CapacityError(f"all {self.max_streams} stream slots are in use")
+        slot = self.free.pop()
+        stream = Stream(secrets.token_hex(8), secrets.token_urlsafe(16), slot, sample_rate, options, emit, always_reply)
+        stream.reset(self.logmel, self.device)
+        self.streams[stream.id] = stream
+        self.submit(Command(stream, "reset"))
+        return stream
+
+    def submit(self, command: Command) -> None:
+        if command.kind == "audio":
+            command.stream.backlog += len(command.audio)
+        self.queue.put_nowait(command)
+
+    def release(self, stream: Stream) -> None:
+        """Free the stream's slot (after its close was processed, or when it is abandoned)."""
+        if self.streams.pop(stream.id, None) is not None:
+            self.free.append(stream.slot)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            commands = [await self.queue.get()]
+            while not self.queue.empty():
+                commands.append(self.queue.get_nowait())
+            await loop.run_in_executor(self.executor, self._process, commands, loop)
+
+    # ------------------------------------------------------------ batcher thread
+
+    @torch.inference_mode()
+    def _process(self, commands: list[Command], loop: asyncio.AbstractEventLoop) -> None:
+        finals: dict[str, list[Segment]] = {}
+        ends: list[Command] = []
+        for cmd in commands:
+            s = cmd.stream
+            if cmd.kind == "reset":
+                self._zero_slot(s.slot)
+                s.reset(self.logmel, self.device)
+            elif cmd.kind == "audio" and not s.closed:
+                self._accept(s, cmd.audio)
+                loop.call_soon_threadsafe(self._drained, s, len(cmd.audio))
+            elif cmd.kind == "configure":
+                s.options = cmd.options
+                s.decoder.config = SegmenterConfig(pause_s=s.options.pause_s, max_segment_s=s.options.max_segment_s)
+            elif cmd.kind in ("flush", "close"):
+                ends.append(cmd)
+        self._run_model(finals)
+        for cmd in ends:
+            finals.setdefault(cmd.stream.id, []).extend(self._end(cmd.stream, close=cmd.kind == "close"))
+        closed = {cmd.stream.id for cmd in ends if cmd.kind == "close"}
+        touched = {cmd.stream.id: cmd.stream for cmd in commands if cmd.kind != "reset"}
+        for sid, s in touched.items():
+            partial = None if sid in closed else (s.decoder.partial() if s.always_reply else self._partial(s))
+            done = finals.get(sid, [])
+            if done or partial is not None or sid in closed or s.always_reply:
+                loop.call_soon_threadsafe(s.emit, s, done, partial, sid in closed)
+
+    def _drained(self, stream: Stream, n: int) -> None:
+        stream.backlog -= n
+        if stream.on_drained is not None:
+            stream.on_drained()
+
+    def _zero_slot(self, slot: int) -> None:
+        for t in self.pool.tensors():
+            t[slot].zero_()
+
+    def _accept(self, s: Stream, samples: np.ndarray) -> None:
+        audio = s.resampler.accept(torch.from_numpy(samples))
+        s.pending = torch.cat([s.pending, s.features.accept(audio)])
+        self.stats.audio_seconds += len(samples) / s.sample_rate
+
+    def _run_model(self, finals: dict[str, list[Segment]]) -> None:
+        """Step every stream with a whole encoder frame ready, batched, until none has one."""
+        while True:
+            ready = [s for s in self.streams.values() if s.pending.shape[0] >= SUBSAMPLING and not s.closed]
+            if not ready:
+                return
+            frames = min(MAX_CHUNK_FRAMES, *(s.pending.shape[0] // SUBSAMPLING for s in ready))
+            n = frames * SUBSAMPLING
+            feats = torch.stack([s.pending[:n] for s in ready])
+            for s in ready:
+                s.pending = s.pending[n:]
+            log_probs = self._step(ready, feats)
+            for s, lp in zip(ready, log_probs, strict=True):
+                finals.setdefault(s.id, []).extend(s.decoder.feed(lp))
+
+    def _step(self, streams: list[Stream], feats: torch.Tensor) -> torch.Tensor:
+        """One batched model step over the streams' slots: gather, chunk, scatter back."""
+        start = time.perf_counter()
+        rows = torch.tensor([s.slot for s in streams], device=self.device)
+        state = self.pool.select(rows)
+        logits, _ = self.model.chunk(feats, state)
+        self.pool.assign_(rows, state)
+        out = logits.float().log_softmax(-1).cpu()
+        elapsed = time.perf_counter() - start
+        self.stats.steps += 1
+        self.stats.last_batch = len(streams)
+        self.stats.step_seconds.append(elapsed)
+        self.stats.compute_seconds += elapsed
+        return out
+
+    def _end(self, s: Stream, close: bool) -> list[Segment]:
+        """flush: end the current segment. close: also run the stream's last samples, padded as
+        `asr transcribe` pads them, so every sample is covered by a final."""
+        if close and not s.closed:
+            audio = s.resampler.flush()
+            s.pending = torch.cat([s.pending, s.features.accept(audio)])
+            done = []
+            if s.pending.shape[0]:
+                tail = self.model.pad_features(s.pending.unsqueeze(0))
+                s.pending = s.pending[:0]
+                done = s.decoder.feed(self._step([s], tail)[0])
+            s.closed = True
+            return done + s.decoder.flush()
+        return s.decoder.flush()
+
+    def _partial(self, s: Stream) -> Segment | None:
+        """The segment in progress, if its text changed and the partial interval has passed."""
+        seg = s.decoder.partial()
+        text = seg.text if seg is not None else ""
+        interval = round(s.options.partial_interval_s / ENCODER_FRAME_S)
+        if text == s.last_partial or s.decoder.frame - s.last_partial_frame < interval:
+            return None
+        s.last_partial, s.last_partial_frame = text, s.decoder.frame
+        return seg

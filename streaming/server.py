@@ -1,0 +1,360 @@
+"""`asr serve`: the WebSocket server (websockets.asyncio). The event loop only receives and sends;
+the engine's batcher does all compute. Protocol: streaming/protocol.py and docs/protocol.md."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import signal
+import ssl
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from asr.decoding import Segment
+from asr.model import ASRModel
+from streaming import protocol as P
+from streaming.engine import CapacityError, Command, Engine, Stream
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_streams: int = 64
+    token: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    idle_timeout_s: float = 30.0
+    max_message_bytes: int = 1 << 20
+    resume_ttl_s: float = 30.0
+    max_speed: float = 8.0  # x real time a client may send, after a burst allowance
+    burst_s: float = 10.0
+    max_backlog_s: float = 10.0  # unprocessed audio per stream before its reads pause
+
+
+@dataclass
+class Session:
+    """Loop-side state of one stream: its outgoing messages outlive a dropped connection."""
+
+    stream: Stream
+    vosk: bool = False
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # str messages; None after the last
+    replies: asyncio.Queue = field(default_factory=asyncio.Queue)  # vosk: one per processed frame
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    received: int = 0
+    started: float = field(default_factory=time.monotonic)
+    expiry: asyncio.TimerHandle | None = None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.active = Gauge("asr_active_streams", "Streams holding a state slot", registry=self.registry)
+        self.batch = Gauge("asr_batch_size", "Streams in the last batched model step", registry=self.registry)
+        self.step = Histogram(
+            "asr_step_seconds",
+            "Latency of one batched model step",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=self.registry,
+        )
+        self.rtf = Gauge("asr_real_time_factor", "Compute seconds per audio second so far", registry=self.registry)
+        self.rejected = Counter("asr_rejected_connections", "Refused handshakes", ["reason"], registry=self.registry)
+
+
+class ASRServer:
+    def __init__(self, model: ASRModel, device, config: ServerConfig, model_info: dict) -> None:
+        self.model, self.device, self.config, self.model_info = model, device, config, model_info
+        self.metrics = Metrics()
+        self.sessions: dict[str, Session] = {}  # by resume token
+        self.handlers: set[asyncio.Task] = set()
+        self.engine: Engine | None = None
+        self.server: Server | None = None
+        self.draining = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> Server:
+        self.engine = Engine(self.model, self.device, self.config.max_streams)
+        self.engine.start()
+        c = self.config
+        tls = None
+        if c.tls_cert is not None:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(c.tls_cert, c.tls_key)
+        self.server = await serve(
+            self._handle,
+            c.host,
+            c.port,
+            process_request=self._process_request,
+            max_size=c.max_message_bytes,
+            ssl=tls,
+        )
+        return self.server
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def run_until_signal(self, on_ready=None) -> None:
+        """Serve until SIGTERM or SIGINT, then drain: finals to every open stream, then exit."""
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if on_ready is not None:
+            on_ready(self)
+        await stop.wait()
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Stop accepting, close every stream with its finals, wait for the connections to end."""
+        self.draining = True
+        self.server.close(close_connections=False)
+        for session in list(self.sessions.values()):
+            if session.expiry is not None:  # detached: nobody to send finals to
+                self._expire(session)
+            else:
+                self.engine.submit(Command(session.stream, "close"))
+        if self.handlers:
+            await asyncio.wait(self.handlers, timeout=30)
+        await self.server.wait_closed()
+        await self.engine.stop()
+
+    # ------------------------------------------------------------ HTTP side of the handshake
+
+    def _refuse(self, connection: ServerConnection, status: HTTPStatus, reason: str, why: str) -> Response:
+        self.metrics.rejected.labels(reason=reason).inc()
+        return connection.respond(status, why + "\n")
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == P.HEALTH_PATH:
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if path == P.METRICS_PATH:
+            return self._metrics_response(connection)
+        if path not in (P.STREAM_PATH, P.VOSK_PATH):
+            return self._refuse(connection, HTTPStatus.NOT_FOUND, "path", f"no endpoint at {path}")
+        origin = request.headers.get("Origin")
+        if self.config.allowed_origins and origin is not None and origin not in self.config.allowed_origins:
+            return self._refuse(connection, HTTPStatus.FORBIDDEN, "origin", f"origin {origin} is not allowed")
+        if self.config.token is not None and not self._authorized(request):
+            return self._refuse(connection, HTTPStatus.UNAUTHORIZED, "auth", "missing or wrong token")
+        if self.draining:
+            return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining", "server is shutting down")
+        if path == P.STREAM_PATH:
+            try:
+                params = P.parse_stream_url(request.path)
+            except P.ProtocolError as e:
+                return self._refuse(connection, HTTPStatus.BAD_REQUEST, "bad_params", e.message)
+            if params.resume_token is not None:
+                return None  # a resume takes no new slot
+        if not self.engine.free:
+            return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "capacity", "all stream slots are busy")
+        return None
+
+    def _authorized(self, request: Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        offered = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
+        if offered is None:
+            offered = P.query_token(request.path)
+        return offered is not None and hmac.compare_digest(offered.encode(), self.config.token.encode())
+
+    def _metrics_response(self, connection: ServerConnection) -> Response:
+        stats = self.engine.stats
+        self.metrics.active.set(self.engine.active)
+        self.metrics.batch.set(stats.last_batch)
+        while stats.step_seconds:
+            self.metrics.step.observe(stats.step_seconds.pop())
+        if stats.audio_seconds:
+            self.metrics.rtf.set(stats.compute_seconds / stats.audio_seconds)
+        return connection.respond(HTTPStatus.OK, generate_latest(self.metrics.registry).decode())
+
+    # ------------------------------------------------------------ WebSocket side
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        task = asyncio.current_task()
+        self.handlers.add(task)
+        try:
+            if connection.request.path.startswith(P.VOSK_PATH):
+                await self._vosk(connection)
+            else:
+                await self._native(connection, P.parse_stream_url(connection.request.path))
+        finally:
+            self.handlers.discard(task)
+
+    def _emit(self, stream: Stream, finals: list[Segment], partial: Segment | None, closed: bool) -> None:
+        """Called on the loop by the batcher with a stream's new results."""
+        session = self.sessions.get(stream.resume_token)
+        if session is None:
+            return
+        if session.vosk:
+            session.replies.put_nowait((finals, partial, closed))
+        else:
+            for seg in finals:
+                session.out.put_nowait(P.final(seg))
+            if partial is not None:
+                session.out.put_nowait(P.partial(partial))
+        if closed:
+            session.out.put_nowait(None)
+            self._forget(session)
+
+    def _open(self, sample_rate: int, vosk: bool) -> Session:
+        stream = self.engine.open(sample_rate, P.StreamOptions(), self._emit, always_reply=vosk)
+        session = Session(stream, vosk=vosk)
+        stream.on_drained = session.drained.set
+        self.sessions[stream.resume_token] = session
+        return session
+
+    def _forget(self, session: Session) -> None:
+        self.sessions.pop(session.stream.resume_token, None)
+        self.engine.release(session.stream)
+
+    def _expire(self, session: Session) -> None:
+        session.expiry = None
+        self._forget(session)
+
+    async def _native(self, connection: ServerConnection, params: P.StreamParams) -> None:
+        session = await self._attach(connection, params)
+        if session is None:
+            return
+        stream = session.stream
+        ready = P.ready(stream.id, stream.resume_token, self.model_info, stream.sample_rate)
+        await connection.send(ready)
+        sender = asyncio.create_task(self._send_loop(connection, session))
+        try:
+            await self._receive_loop(connection, session, params.encoding)
+        except ConnectionClosed:
+            if not stream.closed:  # dropped mid-stream: keep the state for a resume
+                session.expiry = asyncio.get_running_loop().call_later(self.config.resume_ttl_s, self._expire, session)
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await sender
+
+    async def _attach(self, connection: ServerConnection, params: P.StreamParams) -> Session | None:
+        if params.resume_token is None:
+            try:
+                return self._open(params.sample_rate, vosk=False)
+            except CapacityError as e:
+                await connection.close(P.CLOSE_GOING_AWAY, str(e))
+                return None
+        session = self.sessions.get(params.resume_token)
+        if session is None or session.expiry is None or session.vosk:
+            await connection.send(P.error(P.ERR_BAD_RESUME, "unknown, expired or still-connected resume token"))
+            await connection.close(P.CLOSE_BAD_RESUME, "bad resume token")
+            return None
+        session.expiry.cancel()
+        session.expiry = None
+        return session
+
+    async def _send_loop(self, connection: ServerConnection, session: Session) -> None:
+        while (message := await session.out.get()) is not None:
+            await connection.send(message)
+        await connection.close(P.CLOSE_NORMAL, "stream closed")
+
+    async def _recv(self, connection: ServerConnection) -> str | bytes:
+        try:
+            async with asyncio.timeout(self.config.idle_timeout_s):
+                return await connection.recv()
+        except TimeoutError:
+            await connection.send(P.error(P.ERR_IDLE, f"no message for {self.config.idle_timeout_s:g} s"))
+            await connection.close(P.CLOSE_IDLE, "idle timeout")
+            raise
+
+    async def _receive_loop(self, connection: ServerConnection, session: Session, encoding: str) -> None:
+        stream = session.stream
+        while not stream.closed:
+            try:
+                message = await self._recv(connection)
+            except TimeoutError:
+                self.engine.submit(Command(stream, "close"))
+                return
+            try:
+                if isinstance(message, bytes):
+                    await self._audio(session, P.decode_audio(message, encoding))
+                    continue
+                command = P.parse_client_message(message)
+                if isinstance(command, P.Configure):
+                    options = stream.options.updated(command.changes)
+                    self.engine.submit(Command(stream, "configure", options=options))
+                elif isinstance(command, P.Flush):
+                    self.engine.submit(Command(stream, "flush"))
+                else:
+                    self.engine.submit(Command(stream, "close"))
+                    await connection.wait_closed()  # the send loop closes after the last final
+                    return
+            except P.ProtocolError as e:
+                await connection.send(P.error(e.code, e.message))
+
+    async def _audio(self, session: Session, samples: np.ndarray) -> None:
+        """Enqueue audio; pace a client that sends faster than max_speed x real time or whose
+        unprocessed backlog is over max_backlog_s, so memory stays bounded."""
+        stream, c = session.stream, self.config
+        session.received += len(samples)
+        ahead = session.received / stream.sample_rate / c.max_speed - (time.monotonic() - session.started) - c.burst_s
+        if ahead > 0:
+            await asyncio.sleep(ahead)  # rate limit, not a poll
+        while stream.backlog > c.max_backlog_s * stream.sample_rate:
+            session.drained.clear()
+            await session.drained.wait()
+        self.engine.submit(Command(stream, "audio", audio=samples))
+
+    # ------------------------------------------------------------ Vosk
+
+    async def _vosk(self, connection: ServerConnection) -> None:
+        try:
+            session = self._open(P.VOSK_DEFAULT_RATE, vosk=True)
+        except CapacityError as e:
+            await connection.close(P.CLOSE_GOING_AWAY, str(e))
+            return
+        stream = session.stream
+        try:
+            while True:
+                message = await self._recv(connection)
+                reply, done = await self._vosk_message(session, message)
+                if reply is not None:
+                    await connection.send(reply)
+                if done:
+                    await connection.close(P.CLOSE_NORMAL, "eof")
+                    return
+        except (ConnectionClosed, TimeoutError):
+            if not stream.closed:
+                self.engine.submit(Command(stream, "close"))
+
+    async def _vosk_message(self, session: Session, message: str | bytes) -> tuple[str | None, bool]:
+        """(reply or None, whether the stream ended). Like the Vosk server, config gets no reply."""
+        stream = session.stream
+        if isinstance(message, bytes):
+            try:
+                await self._audio(session, P.decode_audio(message, "pcm_s16le"))
+            except P.ProtocolError as e:
+                return P.error(e.code, e.message), False
+            finals, partial, _ = await session.replies.get()
+            if finals:
+                return P.vosk_result(finals).lower(), False
+            return P.vosk_partial(partial.text.lower() if partial is not None else ""), False
+        try:
+            command = P.parse_vosk_message(message)
+        except P.ProtocolError as e:
+            return P.error(e.code, e.message), False
+        if isinstance(command, P.VoskConfig):
+            if session.received:
+                return P.error(P.ERR_BAD_CONFIG, "sample_rate can only be set before the first audio"), False
+            stream.sample_rate = command.sample_rate
+            self.engine.submit(Command(stream, "reset"))
+            return None, False
+        kind = "close" if isinstance(command, P.VoskEof) else "flush"
+        self.engine.submit(Command(stream, kind))
+        finals, _, _ = await session.replies.get()
+        return P.vosk_result(finals).lower(), kind == "close"

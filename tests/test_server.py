@@ -1,0 +1,284 @@
+"""The WebSocket server, end to end on a real server on port 0 (native and Vosk protocols)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from asr.model import ASRModel
+from asr.transcribe import transcribe_file
+from streaming import protocol as P
+from streaming.server import ASRServer, ServerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class RunningServer:
+    """An ASRServer on its own event loop in a background thread."""
+
+    def __init__(self, model: ASRModel, config: ServerConfig) -> None:
+        self.server = ASRServer(model, torch.device("cpu"), config, {"name": "tiny"})
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.server.start())
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        if not started.wait(30):
+            raise RuntimeError("server did not start")
+        self.url = f"ws://127.0.0.1:{self.server.port}"
+        self.http = f"http://127.0.0.1:{self.server.port}"
+
+    def call(self, fn):
+        """Run fn() on the server's loop and return its result (for inspecting its state)."""
+        return asyncio.run_coroutine_threadsafe(_as_coro(fn), self.loop).result(10)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.drain(), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+async def _as_coro(fn):
+    return fn()
+
+
+@pytest.fixture
+def server(tiny_model: ASRModel) -> Iterator[RunningServer]:
+    running = RunningServer(
+        tiny_model, ServerConfig(port=0, max_streams=3, idle_timeout_s=20, resume_ttl_s=0.5, max_message_bytes=1 << 16)
+    )
+    yield running
+    running.stop()
+
+
+def _audio(path: Path) -> tuple[np.ndarray, int]:
+    samples, rate = sf.read(str(path), dtype="float32")
+    return samples, rate
+
+
+def _stream(url: str, samples: np.ndarray, rate: int, sizes=(3000, 777, 4410), close: bool = True):
+    """Send f32le audio in varied chunk sizes; return (finals, partials, close code)."""
+    finals, partials = [], []
+    with connect(f"{url}{P.STREAM_PATH}?sample_rate={rate}&encoding=f32le", max_size=None) as ws:
+        ready = json.loads(ws.recv())
+        assert ready["type"] == "ready" and ready["sample_rate"] == rate and ready["resume_token"]
+        i, k = 0, 0
+        while i < len(samples):
+            n = sizes[k % len(sizes)]
+            ws.send(P.encode_audio(samples[i : i + n], "f32le"))
+            i, k = i + n, k + 1
+        if not close:
+            return finals, partials, ready
+        ws.send(json.dumps({"type": "close"}))
+        for raw in ws:
+            message = json.loads(raw)
+            (finals if message["type"] == "final" else partials).append(message)
+        return finals, partials, ws.protocol.close_code
+
+
+def _offline(model: ASRModel, path: Path) -> list[dict]:
+    transcript = transcribe_file(path, model)
+    return [{"segment": s.id, "text": s.text, "start": s.start, "end": s.end} for s in transcript.segments]
+
+
+def _strip(finals: list[dict]) -> list[dict]:
+    return [{k: f[k] for k in ("segment", "text", "start", "end")} for f in finals]
+
+
+def test_native_finals_equal_offline_transcript(server, tiny_model, speech_wav: Path) -> None:
+    samples, rate = _audio(speech_wav)  # 22.05 kHz: the server resamples in streaming
+    finals, partials, code = _stream(server.url, samples, rate)
+    assert code == P.CLOSE_NORMAL
+    assert _strip(finals) == _offline(tiny_model, speech_wav) and finals
+    assert all(set(f) == {"type", "segment", "text", "start", "end", "words"} for f in finals)
+    assert all(set(w) == {"word", "start", "end", "conf"} for f in finals for w in f["words"])
+    assert partials and all(p["type"] == "partial" for p in partials)
+    texts = [p["text"] for p in partials]
+    assert all(a != b for a, b in zip(texts, texts[1:], strict=False))  # only when the text changed
+
+
+def test_vosk_protocol(server) -> None:
+    rng = np.random.default_rng(0)
+    audio = (rng.standard_normal(8000 * 3) * 3000).astype("<i2")
+    with connect(server.url + P.VOSK_PATH) as ws:  # no config: 8 kHz, as Vosk
+        frames = [audio[i : i + 4000].tobytes() for i in range(0, len(audio), 4000)]
+        for frame in frames:
+            ws.send(frame)
+            reply = json.loads(ws.recv())
+            assert set(reply) in ({"partial"}, {"result", "text"})
+        ws.send('{"reset" : 1}')
+        assert set(json.loads(ws.recv())) == {"result", "text"}
+        ws.send('{"eof":1}')
+        final = json.loads(ws.recv())
+        assert set(final) == {"result", "text"}
+        assert all(set(w) == {"word", "start", "end", "conf"} for w in final["result"])
+        with pytest.raises(ConnectionClosed):
+            ws.recv()
+    with connect(server.url + P.VOSK_PATH) as ws:
+        ws.send(json.dumps({"config": {"sample_rate": 16000}}))  # no reply, as Vosk
+        ws.send(audio[:3200].tobytes())
+        assert set(json.loads(ws.recv())) <= {"partial", "result", "text"}
+        ws.send(json.dumps({"config": {"sample_rate": 16000}}))
+        assert json.loads(ws.recv())["code"] == P.ERR_BAD_CONFIG  # only before audio
+
+
+def _error_after(ws, send) -> dict:
+    ws.send(send)
+    return json.loads(ws.recv())
+
+
+def test_bad_input_while_another_stream_runs(server, tiny_model, speech_wav: Path) -> None:
+    samples, rate = _audio(speech_wav)
+    result: dict = {}
+    good = threading.Thread(target=lambda: result.update(out=_stream(server.url, samples, rate, sizes=(400,))))
+    good.start()
+    native = f"{server.url}{P.STREAM_PATH}"
+    with connect(native + "?sample_rate=16000&encoding=pcm_s16le") as ws:
+        assert json.loads(ws.recv())["type"] == "ready"
+        assert _error_after(ws, "{not json")["code"] == P.ERR_BAD_JSON
+        assert _error_after(ws, json.dumps({"type": "dance"}))["code"] == P.ERR_UNKNOWN_TYPE
+        assert _error_after(ws, json.dumps({"type": "config", "pause_s": -1}))["code"] == P.ERR_BAD_CONFIG
+        assert _error_after(ws, b"\x01\x02\x03")["code"] == P.ERR_BAD_AUDIO  # odd byte count
+        ws.send(json.dumps({"type": "config", "pause_s": 0.5, "partial_interval_s": 0.1}))
+        ws.send(json.dumps({"type": "flush"}))
+    with connect(native + "?sample_rate=16000&encoding=f32le") as ws:
+        ws.recv()
+        nan = np.array([0.1, np.nan, 0.2], dtype="<f4").tobytes()
+        assert _error_after(ws, nan)["code"] == P.ERR_BAD_AUDIO
+        ws.send(b"\x00" * (1 << 17))  # over max_message_bytes
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv()
+        assert closed.value.rcvd.code == P.CLOSE_TOO_BIG
+    for query, status in [("sample_rate=96000", 400), ("sample_rate=abc", 400), ("encoding=mp3", 400)]:
+        with pytest.raises(InvalidStatus) as refused:
+            connect(f"{native}?{query}")
+        assert refused.value.response.status_code == status
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"{server.url}/nowhere")
+    assert refused.value.response.status_code == 404
+    good.join(120)
+    finals, _, code = result["out"]
+    assert code == P.CLOSE_NORMAL and _strip(finals) == _offline(tiny_model, speech_wav)
+
+
+def test_capacity_disconnect_and_resume(server, tiny_model, speech_wav: Path) -> None:
+    native = f"{server.url}{P.STREAM_PATH}?sample_rate=16000"
+    with contextlib.ExitStack() as held:
+        for _ in range(3):
+            held.enter_context(connect(native)).recv()
+        with pytest.raises(InvalidStatus) as refused:
+            connect(native)
+        assert refused.value.response.status_code == 503
+    # Dropped without a close message: kept 0.5 s for a resume, then freed.
+    assert server.call(lambda: server.server.engine.active) == 3
+    deadline = time.monotonic() + 10
+    while server.call(lambda: server.server.engine.active) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the test waits for the server's TTL timer
+    assert server.call(lambda: server.server.engine.active) == 0
+    with connect(native + "&resume_token=nonsense") as ws:
+        assert json.loads(ws.recv())["code"] == P.ERR_BAD_RESUME
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv()
+        assert closed.value.rcvd.code == P.CLOSE_BAD_RESUME
+
+    # A dropped stream resumed with its token continues with no context lost.
+    samples, rate = _audio(speech_wav)
+    half = len(samples) // 2
+    _, _, ready = _stream(server.url, samples[:half], rate, close=False)
+    url = f"{server.url}{P.STREAM_PATH}?sample_rate={rate}&encoding=f32le&resume_token={ready['resume_token']}"
+    finals = []
+    with connect(url) as ws:
+        assert json.loads(ws.recv())["session"] == ready["session"]
+        for i in range(half, len(samples), 4000):
+            ws.send(P.encode_audio(samples[i : i + 4000], "f32le"))
+        ws.send(json.dumps({"type": "close"}))
+        finals = [m for m in map(json.loads, ws) if m["type"] == "final"]
+    assert _strip(finals) == _offline(tiny_model, speech_wav)
+
+
+def test_token_and_origin(tiny_model) -> None:
+    running = RunningServer(tiny_model, ServerConfig(port=0, token="s3cret", allowed_origins=("https://ok.example",)))
+    try:
+        native = f"{running.url}{P.STREAM_PATH}"
+        for url, headers, status in [
+            (native, None, 401),
+            (native + "?token=wrong", None, 401),
+            (native, {"Authorization": "Bearer wrong"}, 401),
+            (native + "?token=s3cret", {"Origin": "https://evil.example"}, 403),
+        ]:
+            with pytest.raises(InvalidStatus) as refused:
+                connect(url, additional_headers=headers)
+            assert refused.value.response.status_code == status
+        for url, headers in [(native + "?token=s3cret", None), (native, {"Authorization": "Bearer s3cret"})]:
+            with connect(url, additional_headers=headers) as ws:
+                assert json.loads(ws.recv())["type"] == "ready"
+        metrics = urllib.request.urlopen(running.http + P.METRICS_PATH).read().decode()
+        assert 'asr_rejected_connections_total{reason="auth"} 3.0' in metrics
+        assert 'asr_rejected_connections_total{reason="origin"} 1.0' in metrics
+        assert urllib.request.urlopen(running.http + P.HEALTH_PATH).read() == b"ok\n"
+    finally:
+        running.stop()
+
+
+def test_sigterm_drain_delivers_finals(tiny_model_dir: Path, speech_wav: Path) -> None:
+    cmd = [sys.executable, "-m", "asr", "serve", "--model", str(tiny_model_dir), "--port", "0", "--device", "cpu"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))
+    )
+    try:
+        line = proc.stdout.readline()
+        url = line.split()[2].removesuffix("/v1/stream")
+        samples, rate = _audio(speech_wav)
+        with connect(f"{url}{P.STREAM_PATH}?sample_rate={rate}&encoding=f32le") as ws:
+            ws.recv()
+            for i in range(0, len(samples), 4000):
+                ws.send(P.encode_audio(samples[i : i + 4000], "f32le"))
+            proc.send_signal(signal.SIGTERM)
+            messages = [json.loads(m) for m in ws]
+            assert ws.protocol.close_code == P.CLOSE_NORMAL
+        assert [m for m in messages if m["type"] == "final"]
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+
+
+def test_stream_and_mic_commands(server, speech_wav: Path, capsys, monkeypatch) -> None:
+    from asr.cli import main
+
+    assert main(["stream", str(speech_wav), "--url", server.url]) == 0
+    out = capsys.readouterr().out
+    assert "\r" in out and "] " in out  # partials overwrite a line; finals carry their times
+    assert main(["stream", str(speech_wav), "--url", "ws://127.0.0.1:9"]) == 2
+    assert "cannot stream to ws://127.0.0.1:9" in capsys.readouterr().err
+
+    import sounddevice as sd
+
+    def no_device(kind=None):
+        raise sd.PortAudioError("Error querying device -1")
+
+    monkeypatch.setattr(sd, "query_devices", no_device)
+    assert main(["mic", "--url", server.url]) == 2
+    assert "no audio input device found" in capsys.readouterr().err
