@@ -122,21 +122,9 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000 if values else float("nan")
 
 
-def start_server(model: Path, device: str) -> tuple[subprocess.Popen, str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "asr",
-        "serve",
-        "--model",
-        str(model),
-        "--port",
-        "0",
-        "--device",
-        device,
-        "--max-streams",
-        "4096",
-    ]
+def start_server(model: Path, device: str, slots: int) -> tuple[subprocess.Popen, str]:
+    serve = ["serve", "--model", str(model), "--port", "0", "--device", device, "--max-streams", str(slots)]
+    cmd = [sys.executable, "-m", "asr", *serve]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     return proc, line.split()[2].removesuffix("/v1/stream")
@@ -167,6 +155,9 @@ def main() -> None:
             partial = [x for s in stats for x in s.partial_latency]
             final = [x for s in stats for x in s.final_latency]
             exact = sum(s.text == expected[i % len(expected)] for i, s in enumerate(stats))
+            for i, s in enumerate(stats):
+                if s.text != expected[i % len(expected)]:
+                    print(f"  stream {i} differs:\n    offline {expected[i % len(expected)]!r}\n    served  {s.text!r}")
             rows.append(
                 (
                     n,

@@ -79,7 +79,6 @@ class EngineStats:
 
     steps: int = 0
     last_batch: int = 0
-    step_seconds: list[float] = field(default_factory=list)  # drained by the metrics exporter
     audio_seconds: float = 0.0
     compute_seconds: float = 0.0
 
@@ -87,8 +86,16 @@ class EngineStats:
 class Engine:
     """State pool + batcher for one model on one device."""
 
-    def __init__(self, model: ASRModel, device: torch.device, max_streams: int) -> None:
+    def __init__(
+        self,
+        model: ASRModel,
+        device: torch.device,
+        max_streams: int,
+        on_step: Callable[[float, int], None] | None = None,
+    ) -> None:
+        """`on_step(seconds, batch)` is called from the batcher thread after each model step."""
         self.model = model.eval()
+        self.on_step = on_step
         self.device = device
         self.max_streams = max_streams
         with torch.inference_mode():
@@ -213,8 +220,9 @@ class Engine:
         elapsed = time.perf_counter() - start
         self.stats.steps += 1
         self.stats.last_batch = len(streams)
-        self.stats.step_seconds.append(elapsed)
         self.stats.compute_seconds += elapsed
+        if self.on_step is not None:
+            self.on_step(elapsed, len(streams))
         return out
 
     def _end(self, s: Stream, close: bool) -> list[Segment]:

@@ -84,7 +84,7 @@ class ASRServer:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> Server:
-        self.engine = Engine(self.model, self.device, self.config.max_streams)
+        self.engine = Engine(self.model, self.device, self.config.max_streams, self._on_step)
         self.engine.start()
         c = self.config
         tls = None
@@ -170,12 +170,14 @@ class ASRServer:
             offered = P.query_token(request.path)
         return offered is not None and hmac.compare_digest(offered.encode(), self.config.token.encode())
 
+    def _on_step(self, seconds: float, batch: int) -> None:
+        """Batcher thread: prometheus_client metrics are thread-safe."""
+        self.metrics.step.observe(seconds)
+        self.metrics.batch.set(batch)
+
     def _metrics_response(self, connection: ServerConnection) -> Response:
         stats = self.engine.stats
         self.metrics.active.set(self.engine.active)
-        self.metrics.batch.set(stats.last_batch)
-        while stats.step_seconds:
-            self.metrics.step.observe(stats.step_seconds.pop())
         if stats.audio_seconds:
             self.metrics.rtf.set(stats.compute_seconds / stats.audio_seconds)
         return connection.respond(HTTPStatus.OK, generate_latest(self.metrics.registry).decode())
