@@ -140,12 +140,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_clips(Path(tmp))
-        model, _ = load_model(args.model)
-        expected = [transcribe_file(c, model).text for c in paths]
+        model, _ = load_model(args.model, device=args.device)  # the reference runs on the server's device
+        expected = [transcribe_file(c, model, device=args.device).text for c in paths]
         clips = [sf.read(c, dtype="float32")[0] for c in paths]
     proc, url = start_server(args.model, args.device, max(args.streams))
     rows = []
     try:
+        asyncio.run(run_load(url, clips, 1))  # warm-up: kernel compilation and first allocations
         for n in args.streams:
             cpu0, _ = proc_sample(proc.pid)
             t0 = time.monotonic()
