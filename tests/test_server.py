@@ -282,3 +282,28 @@ def test_stream_and_mic_commands(server, speech_wav: Path, capsys, monkeypatch) 
     monkeypatch.setattr(sd, "query_devices", no_device)
     assert main(["mic", "--url", server.url]) == 2
     assert "no audio input device found" in capsys.readouterr().err
+
+
+def test_idle_timeout_and_fast_sender_is_slowed(tiny_model) -> None:
+    config = ServerConfig(port=0, idle_timeout_s=0.5, max_speed=2.0, burst_s=0.5, max_message_bytes=1 << 20)
+    running = RunningServer(tiny_model, config)
+    try:
+        native = f"{running.url}{P.STREAM_PATH}?sample_rate=16000&encoding=f32le"
+        with connect(native) as ws:
+            ws.recv()
+            assert json.loads(ws.recv())["code"] == P.ERR_IDLE  # nothing sent for 0.5 s
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv()
+            assert closed.value.rcvd.code == P.CLOSE_IDLE
+        audio = np.zeros(16000 * 4, np.float32)  # 4 s of audio, sent as fast as possible
+        with connect(native) as ws:
+            ws.recv()
+            start = time.monotonic()
+            for i in range(0, len(audio), 1600):
+                ws.send(P.encode_audio(audio[i : i + 1600], "f32le"))
+            ws.send(json.dumps({"type": "close"}))
+            list(ws)
+            # At most 2x real time after a 0.5 s burst: 4 s of audio takes at least 4 / 2 - 0.5 s.
+            assert time.monotonic() - start >= 1.4
+    finally:
+        running.stop()
