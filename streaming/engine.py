@@ -68,7 +68,7 @@ class Stream:
 @dataclass(frozen=True)
 class Command:
     stream: Stream
-    kind: str  # audio | flush | close | reset | configure | drop
+    kind: str  # audio | flush | close | reset | configure
     audio: np.ndarray | None = None
     options: StreamOptions | None = None
 
@@ -138,7 +138,10 @@ class Engine:
         self.queue.put_nowait(command)
 
     def release(self, stream: Stream) -> None:
-        """Free the stream's slot (after its close was processed, or when it is abandoned)."""
+        """Free the stream's slot (after its close was processed, or when it is abandoned). The
+        stream is marked closed first, so commands still queued for it cannot touch the slot
+        once another stream has it."""
+        stream.closed = True
         if self.streams.pop(stream.id, None) is not None:
             self.free.append(stream.slot)
 
