@@ -1,0 +1,335 @@
+"""One streaming step of a Mamba-2 mixer on a slot pool, as two Triton kernels.
+
+Same function as `step_ref` below: everything `Mamba2Mixer._run` does between in_proj and out_proj, for L
+(1..16) frames of B streams whose state lives in rows `slots` of a preallocated pool, updated in place.
+
+Shapes: B streams, L frames, S pool slots, H heads, P head_dim, g groups (head j reads group j // (H // g)),
+N d_state, K conv width, d_inner = H P, conv_dim = d_inner + 2 g N, d_in_proj = d_inner + conv_dim + H.
+zxbcdt (B, L, d_in_proj) = [z (d_inner) | x (d_inner) | B (g N) | C (g N) | dt (H)], conv_cache (S, conv_dim, K - 1)
+in zxbcdt's dtype, ssm_state (S, H, P, N) float32, slots (B,) int64 distinct.
+
+Kernel 1, `_step_scan_kernel`, grid (B, H): one program per (stream, head). It reads slots[b] once, loads that
+head's state (P, N) ONCE into float32 registers, and for each frame t (unrolled, L is a constexpr) computes the
+causal conv + SiLU of the head's P x channels and its group's N B and N C channels (the K taps come from the
+conv cache row for t + k < K - 1 and from zxbcdt after), dt = softplus(dt + dt_bias), then
+
+    S = exp(dt A) S + dt x B^T        y = S C + D x        (pre-norm, float32, into a (B, L, d_inner) scratch)
+
+and stores the state ONCE. The shapes are too small for tl.dot (one frame at a time), so it is broadcasts and
+tl.sum, all in float32 (no tf32). It never writes the conv cache: the B and C channels are shared by the heads of a
+group, so a head that shifted them would race with the others still reading them.
+
+Kernel 2, `_step_norm_kernel`, grid (B,): one program per stream, after kernel 1 (same CUDA stream). It applies
+the gated RMSNorm over the whole d_inner to the stream's L rows, y = rmsnorm(y * silu(z)) * norm_weight, and
+shifts the stream's conv cache row (all conv_dim channels) to the last K - 1 inputs, reading the old row in full
+before a barrier and writing after it (for L < K - 1 the new row holds part of the old one).
+
+The pool is addressed through slots[b] in both kernels: no gather or scatter, rows outside `slots` are untouched.
+No autotuning: the kernels write the pool in place, so a tuning rerun would advance the state twice.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from asr.ssm import causal_conv1d, gated_rms_norm, ssm_scan_ref
+
+__all__ = ["step", "step_ref", "MAX_FRAMES"]
+
+MAX_FRAMES = 16  # L is a constexpr (the frame loop is unrolled): at most this many frames per call
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NUM_WARPS = 4  # scan kernel: a (P, N) = (64, 64) float32 state is 32 registers a thread
+_NORM_WARPS = 8  # norm kernel: up to (16, d_inner) rows and the (conv_dim, K - 1) cache row in one program
+
+
+def step_ref(
+    zxbcdt,
+    conv_cache,
+    ssm_state,
+    slots,
+    conv_weight,
+    conv_bias,
+    dt_bias,
+    A_log,
+    D,
+    norm_weight,
+    n_groups,
+    head_dim,
+    eps=1e-5,
+):
+    """The step in PyTorch on the gathered rows `slots`, written back in place. Returns y (B, L, d_inner)."""
+    b, l, _ = zxbcdt.shape
+    h = dt_bias.numel()
+    d_inner, conv_dim = h * head_dim, conv_weight.shape[0]
+    n = (conv_dim - d_inner) // (2 * n_groups)
+    z, xbc, dt = zxbcdt.split([d_inner, conv_dim, h], dim=-1)
+    xbc, cache = causal_conv1d(xbc, conv_weight, conv_bias, conv_cache[slots])
+    x, B, C = xbc.split([d_inner, n_groups * n, n_groups * n], dim=-1)
+    x = x.reshape(b, l, h, head_dim)
+    dt = F.softplus(dt.float() + dt_bias.float())
+    A = -torch.exp(A_log.float())
+    y, state = ssm_scan_ref(
+        x, dt, A, B.reshape(b, l, n_groups, n), C.reshape(b, l, n_groups, n), initial_state=ssm_state[slots]
+    )
+    conv_cache.index_copy_(0, slots, cache.to(conv_cache.dtype))
+    ssm_state.index_copy_(0, slots, state)
+    y = y + x.float() * D.float()[:, None]
+    return gated_rms_norm(y.reshape(b, l, d_inner), z, norm_weight, eps).to(zxbcdt.dtype)
+
+
+@triton.jit
+def _conv_silu(xbc_ptr, cache_ptr, w_ptr, bias_ptr, ch, mask, row_stride, T: tl.constexpr, K: tl.constexpr):
+    """SiLU(sum_k w[ch, k] in[T + k] + bias[ch]) (len(ch),) float32, for the channels ch at frame T.
+
+    in[j] is column j of the conv cache row (cache_ptr, (conv_dim, K - 1)) for j < K - 1, else frame j - (K - 1)
+    of xbc_ptr (rows of row_stride elements).
+    """
+    acc = tl.load(bias_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+    for k in tl.static_range(K):
+        if T + k < K - 1:
+            v = tl.load(cache_ptr + ch * (K - 1) + (T + k), mask=mask, other=0.0)
+        else:
+            v = tl.load(xbc_ptr + (T + k - (K - 1)) * row_stride + ch, mask=mask, other=0.0)
+        acc += tl.load(w_ptr + ch * K + k, mask=mask, other=0.0).to(tl.float32) * v.to(tl.float32)
+    return acc * tl.sigmoid(acc)
+
+
+@triton.jit
+def _softplus(v):
+    """torch's softplus (threshold 20)."""
+    return tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0))))
+
+
+@triton.jit
+def _step_scan_kernel(
+    zx_ptr,
+    cache_ptr,
+    state_ptr,
+    slots_ptr,
+    w_ptr,
+    bias_ptr,
+    dt_bias_ptr,
+    A_log_ptr,
+    D_ptr,
+    y_ptr,
+    d_in_proj,
+    d_inner,
+    conv_dim,
+    n_heads,
+    heads_per_group,
+    n_groups,
+    P,
+    N,
+    L: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Program (b, h): conv + SiLU, softplus and the SSM recurrence over L frames; y pre-norm into y_ptr."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slots_ptr + b)
+    grp = h // heads_per_group
+    rp = tl.arange(0, BLOCK_P)
+    rn = tl.arange(0, BLOCK_N)
+    mp, mn = rp < P, rn < N
+    x_ch = h * P + rp
+    b_ch = d_inner + grp * N + rn
+    c_ch = d_inner + n_groups * N + grp * N + rn
+
+    row = zx_ptr + b * L * d_in_proj
+    xbc = row + d_inner
+    cache = cache_ptr + slot * conv_dim * (K - 1)
+    s_off = slot * n_heads * P * N + h * P * N + rp[:, None] * N + rn[None, :]
+    s_mask = mp[:, None] & mn[None, :]
+    S = tl.load(state_ptr + s_off, mask=s_mask, other=0.0)
+
+    A = -tl.exp(tl.load(A_log_ptr + h).to(tl.float32))
+    Dh = tl.load(D_ptr + h).to(tl.float32)
+    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
+    for t in tl.static_range(L):
+        x = _conv_silu(xbc, cache, w_ptr, bias_ptr, x_ch, mp, d_in_proj, t, K)
+        Bt = _conv_silu(xbc, cache, w_ptr, bias_ptr, b_ch, mn, d_in_proj, t, K)
+        Ct = _conv_silu(xbc, cache, w_ptr, bias_ptr, c_ch, mn, d_in_proj, t, K)
+        dt = _softplus(tl.load(row + t * d_in_proj + d_inner + conv_dim + h).to(tl.float32) + dt_bias)
+        S = S * tl.exp(dt * A) + (dt * x)[:, None] * Bt[None, :]
+        y = tl.sum(S * Ct[None, :], axis=1) + Dh * x
+        tl.store(y_ptr + (b * L + t) * d_inner + x_ch, y, mask=mp)
+    tl.store(state_ptr + s_off, S, mask=s_mask)
+
+
+@triton.jit
+def _shift_conv_cache(
+    xbc_ptr,
+    cache_ptr,
+    conv_dim,
+    row_stride,
+    L: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Rewrite a conv cache row (conv_dim, K - 1) to the last K - 1 inputs of cat(old row, L frames of xbc_ptr)."""
+    c = tl.arange(0, BLOCK_C)[:, None]
+    j = tl.arange(0, BLOCK_K)[None, :]
+    src = L + j  # column of cat(old row, frames): < K - 1 is the old row, else frame src - (K - 1)
+    valid = (c < conv_dim) & (j < K - 1)
+    old = tl.load(cache_ptr + c * (K - 1) + src, mask=valid & (src < K - 1), other=0.0)
+    new = tl.load(xbc_ptr + (src - (K - 1)) * row_stride + c, mask=valid & (src >= K - 1), other=0.0)
+    tl.debug_barrier()  # every thread has read the old row before any writes it
+    tl.store(cache_ptr + c * (K - 1) + j, tl.where(src < K - 1, old, new), mask=valid)
+
+
+@triton.jit
+def _step_norm_kernel(
+    y_ptr,
+    zx_ptr,
+    norm_w_ptr,
+    out_ptr,
+    cache_ptr,
+    slots_ptr,
+    d_in_proj,
+    d_inner,
+    conv_dim,
+    eps,
+    L: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Program b: out[b] = rmsnorm(y[b] * silu(z[b])) * norm_w over d_inner (L rows), and the conv cache shift."""
+    b = tl.program_id(0)
+    t = tl.arange(0, BLOCK_L)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (t < L) & (d < d_inner)
+    row = zx_ptr + b * L * d_in_proj
+    y = tl.load(y_ptr + (b * L + t) * d_inner + d, mask=mask, other=0.0)
+    z = tl.load(row + t * d_in_proj + d, mask=mask, other=0.0).to(tl.float32)
+    gated = y * z * tl.sigmoid(z)
+    rstd = tl.rsqrt(tl.sum(gated * gated, axis=1) / d_inner + eps)
+    w = tl.load(norm_w_ptr + d, mask=d < d_inner, other=0.0).to(tl.float32)
+    tl.store(out_ptr + (b * L + t) * d_inner + d, gated * rstd[:, None] * w, mask=mask)
+
+    slot = tl.load(slots_ptr + b)
+    _shift_conv_cache(row + d_inner, cache_ptr + slot * conv_dim * (K - 1), conv_dim, d_in_proj, L, K, BLOCK_C, BLOCK_K)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check(
+    zxbcdt, conv_cache, ssm_state, slots, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, n_groups, head_dim
+):
+    """Raise ValueError unless the arguments fit together; returns (d_inner, conv_dim, n_heads, d_state, K)."""
+    if zxbcdt.dim() != 3:
+        raise ValueError(f"zxbcdt must be (B, L, d_in_proj), got shape {tuple(zxbcdt.shape)}")
+    b, l, d_in_proj = zxbcdt.shape
+    if not 1 <= l <= MAX_FRAMES:
+        raise ValueError(f"step takes 1 to {MAX_FRAMES} frames (L), got {l}; split longer input into several calls")
+    if b == 0:
+        raise ValueError("zxbcdt has no streams (B = 0)")
+    if dt_bias.dim() != 1 or head_dim <= 0 or n_groups <= 0 or dt_bias.numel() % n_groups:
+        raise ValueError(
+            f"dt_bias must be (n_heads,) with n_heads a multiple of n_groups={n_groups}, and head_dim={head_dim} > 0; "
+            f"got dt_bias {tuple(dt_bias.shape)}"
+        )
+    h = dt_bias.numel()
+    d_inner = h * head_dim
+    if conv_weight.dim() != 2 or conv_weight.shape[1] < 2:
+        raise ValueError(f"conv_weight must be (conv_dim, K) with K >= 2, got {tuple(conv_weight.shape)}")
+    conv_dim, k = conv_weight.shape
+    n, rem = divmod(conv_dim - d_inner, 2 * n_groups)
+    if n <= 0 or rem:
+        raise ValueError(
+            f"conv_dim={conv_dim} must be d_inner + 2 n_groups d_state = {d_inner} + {2 * n_groups} d_state"
+        )
+    if d_in_proj != d_inner + conv_dim + h:
+        raise ValueError(
+            f"zxbcdt's last dim must be d_inner + conv_dim + n_heads = {d_inner + conv_dim + h}, got {d_in_proj}"
+        )
+    if conv_cache.dim() != 3 or conv_cache.shape[1:] != (conv_dim, k - 1):
+        raise ValueError(f"conv_cache must be (S, {conv_dim}, {k - 1}), got {tuple(conv_cache.shape)}")
+    s = conv_cache.shape[0]
+    if tuple(ssm_state.shape) != (s, h, head_dim, n):
+        raise ValueError(f"ssm_state must be (S, H, P, N) = {(s, h, head_dim, n)}, got {tuple(ssm_state.shape)}")
+    expected = {"conv_bias": (conv_dim,), "A_log": (h,), "D": (h,), "norm_weight": (d_inner,)}
+    named = {"conv_bias": conv_bias, "A_log": A_log, "D": D, "norm_weight": norm_weight}
+    for name, shape in expected.items():
+        if tuple(named[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(named[name].shape)}")
+    pool = {"conv_cache": conv_cache, "ssm_state": ssm_state, "slots": slots}
+    for name, t in {**pool, "conv_weight": conv_weight, "dt_bias": dt_bias, **named}.items():
+        if t.device != zxbcdt.device:
+            raise ValueError(f"all tensors must be on one device: zxbcdt is on {zxbcdt.device}, {name} on {t.device}")
+    if zxbcdt.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"step needs CUDA tensors (or TRITON_INTERPRET=1), got {zxbcdt.device}")
+    _check_pool(zxbcdt, conv_cache, ssm_state)
+    _check_slots(slots, b, s)
+    return d_inner, conv_dim, h, n, k
+
+
+def _check_pool(zxbcdt, conv_cache, ssm_state):
+    if zxbcdt.dtype not in _DTYPES:
+        raise ValueError(f"zxbcdt must be float32, bfloat16 or float16, got {zxbcdt.dtype}")
+    if conv_cache.dtype != zxbcdt.dtype:
+        raise ValueError(f"conv_cache must have zxbcdt's dtype {zxbcdt.dtype}, got {conv_cache.dtype}")
+    if ssm_state.dtype != torch.float32:
+        raise ValueError(f"ssm_state must be float32, got {ssm_state.dtype}")
+    for name, t in (("conv_cache", conv_cache), ("ssm_state", ssm_state)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous: it is updated in place")
+
+
+def _check_slots(slots, b, s):
+    if slots.dtype != torch.int64 or tuple(slots.shape) != (b,):
+        raise ValueError(f"slots must be int64 of shape ({b},), got {slots.dtype} {tuple(slots.shape)}")
+    lo, hi = slots.min().item(), slots.max().item()  # a device sync on CUDA
+    if lo < 0 or hi >= s:
+        raise ValueError(f"slots must index the pool of {s} slots, got values in [{lo}, {hi}]")
+    if torch.unique(slots).numel() != b:
+        raise ValueError(f"slots must be distinct, got {slots.tolist()}")
+
+
+def step(
+    zxbcdt,
+    conv_cache,
+    ssm_state,
+    slots,
+    conv_weight,
+    conv_bias,
+    dt_bias,
+    A_log,
+    D,
+    norm_weight,
+    n_groups,
+    head_dim,
+    eps=1e-5,
+):
+    """The Triton form of `step_ref`: returns y (B, L, d_inner) and updates the pool rows `slots` in place."""
+    args = (zxbcdt, conv_cache, ssm_state, slots, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight)
+    d_inner, conv_dim, h, n, k = _check(*args, n_groups, head_dim)
+    b, l, d_in_proj = zxbcdt.shape
+    zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight = (
+        t.contiguous() for t in (zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight)
+    )
+    y = torch.empty(b, l, d_inner, device=zxbcdt.device, dtype=torch.float32)
+    out = torch.empty(b, l, d_inner, device=zxbcdt.device, dtype=zxbcdt.dtype)
+    _step_scan_kernel[(b, h)](
+        zxbcdt, conv_cache, ssm_state, slots, conv_weight, conv_bias, dt_bias, A_log, D, y,
+        d_in_proj, d_inner, conv_dim, h, h // n_groups, n_groups, head_dim, n,
+        L=l, K=k, BLOCK_P=triton.next_power_of_2(head_dim), BLOCK_N=triton.next_power_of_2(n), num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    _step_norm_kernel[(b,)](
+        y, zxbcdt, norm_weight, out, conv_cache, slots, d_in_proj, d_inner, conv_dim, eps,
+        L=l, K=k, BLOCK_L=triton.next_power_of_2(l), BLOCK_D=triton.next_power_of_2(d_inner),
+        BLOCK_C=triton.next_power_of_2(conv_dim), BLOCK_K=triton.next_power_of_2(k - 1), num_warps=_NORM_WARPS,
+    )  # fmt: skip
+    return out

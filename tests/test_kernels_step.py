@@ -1,0 +1,217 @@
+"""The Triton streaming step (`kernels.step.step`) against `step_ref`, and `step_ref` against `Mamba2Mixer._run`.
+
+CPU tests run the kernels in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py) at small shapes; the
+gpu-marked tests run the compiled kernels at the default model's shapes. Every test draws fresh inputs from a random
+seed and names it in its failure messages.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from asr.model import ASRModel, MambaLayerState, ModelDimensions
+from kernels.step import step, step_ref
+
+POOL = 6  # slots in the pool
+
+
+@dataclass(frozen=True)
+class Shapes:
+    heads: int = 4
+    head_dim: int = 16
+    d_state: int = 16
+    n_groups: int = 1
+    d_conv: int = 4
+
+    @property
+    def d_inner(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.n_groups * self.d_state
+
+    @property
+    def d_in_proj(self) -> int:
+        return self.d_inner + self.conv_dim + self.heads
+
+
+def _pool(seed: int, s: Shapes, dtype=torch.float32, device="cpu", pool: int = POOL):
+    """A random pool: conv_cache (pool, conv_dim, K - 1) in dtype, ssm_state (pool, H, P, N) float32."""
+    gen = torch.Generator().manual_seed(seed)
+    conv = torch.randn(pool, s.conv_dim, s.d_conv - 1, generator=gen).to(dtype)
+    ssm = torch.randn(pool, s.heads, s.head_dim, s.d_state, generator=gen)
+    return conv.to(device), ssm.to(device)
+
+
+def _params(seed: int, s: Shapes, dtype=torch.float32, device="cpu") -> dict:
+    """The layer's parameters as step() takes them (conv and norm weights in dtype, the per-head ones float32)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    params = dict(
+        conv_weight=(torch.randn(s.conv_dim, s.d_conv, generator=gen) * 0.5).to(dtype),
+        conv_bias=(torch.randn(s.conv_dim, generator=gen) * 0.1).to(dtype),
+        dt_bias=torch.randn(s.heads, generator=gen) - 2,
+        A_log=torch.rand(s.heads, generator=gen) * 2,
+        D=torch.randn(s.heads, generator=gen),
+        norm_weight=(1 + 0.3 * torch.randn(s.d_inner, generator=gen)).to(dtype),
+    )
+    params = {k: v.to(device) for k, v in params.items()}
+    return dict(params, n_groups=s.n_groups, head_dim=s.head_dim)
+
+
+def _frames(seed: int, s: Shapes, b: int, l: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """zxbcdt (b, l, d_in_proj)."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    return torch.randn(b, l, s.d_in_proj, generator=gen).to(dtype).to(device)
+
+
+def _slots(seed: int, b: int, device="cpu", pool: int = POOL) -> torch.Tensor:
+    """b distinct random slots of the pool, in random order."""
+    return torch.randperm(pool, generator=torch.Generator().manual_seed(seed + 3))[:b].to(device)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||; NaN (which fails every bound) if a has NaNs."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _check_step(seed, s: Shapes, b: int, l: int, dtype, tol: float, device="cpu", pool: int = POOL) -> None:
+    """step() and step_ref() on copies of one pool: y, the stepped rows and the untouched rest."""
+    conv, ssm = _pool(seed, s, dtype, device, pool)
+    params = _params(seed, s, dtype, device)
+    zx, slots = _frames(seed, s, b, l, dtype, device), _slots(seed, b, device, pool)
+    conv_k, ssm_k, conv_r, ssm_r = conv.clone(), ssm.clone(), conv.clone(), ssm.clone()
+    y = step(zx, conv_k, ssm_k, slots, **params)
+    y_ref = step_ref(zx, conv_r, ssm_r, slots, **params)
+    assert y.dtype == zx.dtype and y.shape == (b, l, s.d_inner), f"seed {seed}: y {y.dtype} {tuple(y.shape)}"
+    assert ssm_k.dtype == torch.float32
+    errors = {"y": _rel(y, y_ref), "ssm_state": _rel(ssm_k[slots], ssm_r[slots])}
+    for name, err in errors.items():
+        assert err < tol, f"seed {seed}: {name} relative error {err:.2e} >= {tol:.0e} (all: {errors})"
+    assert torch.equal(conv_k[slots], conv_r[slots]), f"seed {seed}: conv cache rows differ from step_ref's"
+    others = torch.tensor([i for i in range(pool) if i not in slots.tolist()], dtype=torch.long, device=device)
+    assert torch.equal(conv_k[others], conv[others]), f"seed {seed}: conv cache rows outside slots changed"
+    assert torch.equal(ssm_k[others], ssm[others]), f"seed {seed}: ssm state rows outside slots changed"
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+@pytest.mark.parametrize(("b", "l"), [(1, 1), (3, 3), (3, 16)])
+def test_matches_ref(n_groups: int, b: int, l: int) -> None:
+    _check_step(secrets.randbits(32), Shapes(n_groups=n_groups), b, l, torch.float32, 1e-4)
+
+
+@pytest.mark.parametrize("l", [1, 5])
+def test_matches_ref_bf16(l: int) -> None:
+    """bf16 frames and conv cache (the state stays float32); the reference rounds its conv output to bf16."""
+    _check_step(secrets.randbits(32), Shapes(n_groups=2), 3, l, torch.bfloat16, 2e-2)
+
+
+def test_odd_sizes() -> None:
+    """head_dim, d_state and conv width that are not powers of two (masked lanes)."""
+    _check_step(
+        secrets.randbits(32), Shapes(heads=3, head_dim=12, d_state=10, n_groups=3, d_conv=3), 2, 4, torch.float32, 1e-4
+    )
+
+
+def test_chained_steps_equal_one_step() -> None:
+    """Steps of random lengths on the pool equal one step_ref over all their frames."""
+    seed = secrets.randbits(32)
+    s, b = Shapes(n_groups=2), 3
+    rng = torch.Generator().manual_seed(seed + 4)
+    lengths = [int(torch.randint(1, 6, (1,), generator=rng)) for _ in range(3)]
+    conv, ssm = _pool(seed, s)
+    params, zx, slots = _params(seed, s), _frames(seed, s, b, sum(lengths)), _slots(seed, b)
+    conv_k, ssm_k = conv.clone(), ssm.clone()
+    ys = [step(part, conv_k, ssm_k, slots, **params) for part in zx.split(lengths, dim=1)]
+    y_ref = step_ref(zx, conv, ssm, slots, **params)
+    errors = {"y": _rel(torch.cat(ys, dim=1), y_ref), "ssm_state": _rel(ssm_k, ssm)}
+    for name, err in errors.items():
+        assert err < 1e-4, f"seed {seed}, lengths {lengths}: {name} relative error {err:.2e} (all: {errors})"
+    assert torch.equal(conv_k, conv), f"seed {seed}, lengths {lengths}: conv cache differs"
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_ref_matches_mixer(n_groups: int) -> None:
+    """step_ref on pool rows == Mamba2Mixer._run on a MambaLayerState holding those rows (between the projections)."""
+    seed = secrets.randbits(32)
+    torch.manual_seed(seed)
+    dims = ModelDimensions(d_model=32, n_layers=1, d_state=16, head_dim=16, n_groups=n_groups, frontend_channels=4)
+    mixer = ASRModel(dims).layers[0].mixer
+    with torch.no_grad():  # move D, conv_bias and the norm weight off their trivial initial values
+        for p in (mixer.D, mixer.conv_bias, mixer.norm.weight):
+            p.add_(0.3 * torch.randn_like(p))
+    b, l = 3, 5
+    u = torch.randn(b, l, dims.d_model)
+    slots = _slots(seed, b)
+    conv = torch.randn(POOL, dims.conv_dim, dims.d_conv - 1)
+    ssm = torch.randn(POOL, dims.n_heads, dims.head_dim, dims.d_state)
+    state = MambaLayerState(conv[slots].clone(), ssm[slots].clone())
+    seen = []
+    mixer.out_proj.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    with torch.no_grad():
+        mixer._run(u, state)
+        y = step_ref(
+            mixer.in_proj(u), conv, ssm, slots, mixer.conv_weight, mixer.conv_bias, mixer.dt_bias, mixer.A_log,
+            mixer.D, mixer.norm.weight, n_groups, dims.head_dim, mixer.norm.eps,
+        )  # fmt: skip
+    errors = {"y": _rel(y, seen[0]), "ssm_state": _rel(ssm[slots], state.ssm), "conv": _rel(conv[slots], state.conv)}
+    for name, err in errors.items():
+        assert err < 1e-5, f"seed {seed}: {name} relative error {err:.2e} (all: {errors})"
+
+
+def _bad_cases(s: Shapes) -> list[tuple[str, object, str]]:
+    """(description, mutate(args) -> args, expected message fragment) for the argument checks."""
+    return [
+        ("2-d zxbcdt", lambda a: dict(a, zxbcdt=a["zxbcdt"][0]), "zxbcdt must be (B, L, d_in_proj)"),
+        ("17 frames", lambda a: dict(a, zxbcdt=torch.randn(2, 17, s.d_in_proj)), "1 to 16 frames"),
+        ("wrong d_in_proj", lambda a: dict(a, zxbcdt=a["zxbcdt"][..., 1:]), "last dim must be"),
+        ("fp64 state", lambda a: dict(a, ssm_state=a["ssm_state"].double()), "ssm_state must be float32"),
+        ("bf16 cache", lambda a: dict(a, conv_cache=a["conv_cache"].bfloat16()), "conv_cache must have"),
+        ("short pool", lambda a: dict(a, ssm_state=a["ssm_state"][:-1]), "ssm_state must be (S, H, P, N)"),
+        ("strided state", lambda a: dict(a, ssm_state=a["ssm_state"].transpose(2, 3)), "ssm_state must be contiguous"),
+        ("strided cache", lambda a: dict(a, conv_cache=a["conv_cache"].mT.contiguous().mT), "must be contiguous"),
+        ("slot out of range", lambda a: dict(a, slots=torch.tensor([0, POOL])), "must index the pool"),
+        ("negative slot", lambda a: dict(a, slots=torch.tensor([-1, 2])), "must index the pool"),
+        ("repeated slot", lambda a: dict(a, slots=torch.tensor([2, 2])), "slots must be distinct"),
+        ("int32 slots", lambda a: dict(a, slots=a["slots"].int()), "slots must be int64"),
+        ("slots for 3 streams", lambda a: dict(a, slots=torch.tensor([0, 1, 2])), "slots must be int64 of shape"),
+        ("bad groups", lambda a: dict(a, n_groups=3), "multiple of n_groups"),
+        ("bad norm weight", lambda a: dict(a, norm_weight=a["norm_weight"][1:]), "norm_weight must have shape"),
+        ("bad conv bias", lambda a: dict(a, conv_bias=a["conv_bias"][1:]), "conv_bias must have shape"),
+        ("width-1 conv", lambda a: dict(a, conv_weight=a["conv_weight"][:, :1]), "K >= 2"),
+    ]
+
+
+BAD_SHAPES = Shapes(n_groups=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "mutate", "message"), _bad_cases(BAD_SHAPES), ids=[c[0] for c in _bad_cases(BAD_SHAPES)]
+)
+def test_bad_arguments(name: str, mutate, message: str) -> None:
+    seed, s = secrets.randbits(32), BAD_SHAPES
+    conv, ssm = _pool(seed, s)
+    args = dict(
+        zxbcdt=_frames(seed, s, 2, 3), conv_cache=conv, ssm_state=ssm, slots=_slots(seed, 2), **_params(seed, s)
+    )
+    bad = mutate(args)
+    before = (bad["conv_cache"].clone(), bad["ssm_state"].clone())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        step(**bad)
+    assert torch.equal(bad["conv_cache"], before[0]) and torch.equal(bad["ssm_state"], before[1]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b", [1, 64])
+@pytest.mark.parametrize("l", [1, 4, 8])
+def test_gpu_model_shapes(dtype: torch.dtype, b: int, l: int) -> None:
+    """The default model's sizes (d_inner 512, H 8, P 64, N 64, g 1) on a pool of 96 slots, compiled."""
+    s = Shapes(heads=8, head_dim=64, d_state=64, n_groups=1)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    _check_step(secrets.randbits(32), s, b, l, dtype, tol, device="cuda", pool=96)
