@@ -57,6 +57,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: auto)")
 
 
+def add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="ws://127.0.0.1:8765", help="server (default: ws://127.0.0.1:8765)")
+    p.add_argument("--token", help="auth token")
+
+
 def _add_transcribe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "transcribe",
@@ -356,11 +361,10 @@ def _add_stream(sub: argparse._SubParsersAction) -> None:
         "overwrite one line; finals are printed with their times.",
     )
     p.add_argument("file", type=Path, metavar="FILE")
-    p.add_argument("--url", default="ws://127.0.0.1:8765", help="server (default: ws://127.0.0.1:8765)")
+    add_client_args(p)
     pace = p.add_mutually_exclusive_group()
     pace.add_argument("--realtime", action="store_true", help="send at the speed of speech, like a microphone")
     pace.add_argument("--fast", action="store_true", help="send as fast as the server takes it (default)")
-    p.add_argument("--token", help="auth token")
     p.set_defaults(func=cmd_stream)
 
 
@@ -388,8 +392,7 @@ def _add_mic(sub: argparse._SubParsersAction) -> None:
         description="Capture the default microphone (16 kHz mono, via sounddevice/PortAudio) and stream it to an "
         "`asr serve` server; partials overwrite one line, finals get their own. Ctrl-C stops.",
     )
-    p.add_argument("--url", default="ws://127.0.0.1:8765", help="server (default: ws://127.0.0.1:8765)")
-    p.add_argument("--token", help="auth token")
+    add_client_args(p)
     p.set_defaults(func=cmd_mic)
 
 

@@ -6,12 +6,10 @@ import asyncio
 import json
 import sys
 
-from websockets.asyncio.client import connect
+from asr.features import SAMPLE_RATE
+from clients.stream import open_stream, show
 
-from clients.stream import show
-from streaming import protocol as P
-
-RATE = 16_000
+RATE = SAMPLE_RATE
 BLOCK_S = 0.1
 
 
@@ -49,9 +47,7 @@ async def run(url: str, token: str | None) -> None:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     mic = open_microphone(loop, queue)
-    params = P.StreamParams(RATE, "pcm_s16le", token)
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    async with connect(P.stream_url(url, params), additional_headers=headers) as ws:
+    async with open_stream(url, token) as ws:
         json.loads(await ws.recv())
         print("listening... (Ctrl-C to stop)", file=sys.stderr)
         with mic:

@@ -53,12 +53,17 @@ def show(message: dict, out) -> None:
     out.flush()
 
 
-async def stream_file(url: str, path: Path, realtime: bool = False, token: str | None = None, out=None) -> StreamResult:
-    """Send `path` (any format, resampled to 16 kHz s16le) and collect the finals until the server closes."""
+def open_stream(url: str, token: str | None):
+    """A native-protocol connection for 16 kHz pcm_s16le audio (an async context manager)."""
     params = P.StreamParams(SAMPLE_RATE, "pcm_s16le", token)
     headers = {"Authorization": f"Bearer {token}"} if token else None
+    return connect(P.stream_url(url, params), additional_headers=headers, max_size=None)
+
+
+async def stream_file(url: str, path: Path, realtime: bool = False, token: str | None = None, out=None) -> StreamResult:
+    """Send `path` (any format, resampled to 16 kHz s16le) and collect the finals until the server closes."""
     finals: list[dict] = []
-    async with connect(P.stream_url(url, params), additional_headers=headers, max_size=None) as ws:
+    async with open_stream(url, token) as ws:
         ready = json.loads(await ws.recv())
         if ready.get("type") != "ready":
             raise ConnectionError(f"expected ready, got {ready}")

@@ -37,7 +37,8 @@ class CapacityError(Exception):
 
 @dataclass
 class Stream:
-    """One client stream. Fields below `out` belong to the batcher thread."""
+    """One client stream. The fields from `resampler` on belong to the batcher thread, which sets
+    them up on the stream's first command (reset)."""
 
     id: str
     resume_token: str
@@ -127,9 +128,8 @@ class Engine:
             raise CapacityError(f"all {self.max_streams} stream slots are in use")
         slot = self.free.pop()
         stream = Stream(secrets.token_hex(8), secrets.token_urlsafe(16), slot, sample_rate, options, emit, always_reply)
-        stream.reset(self.logmel, self.device)
         self.streams[stream.id] = stream
-        self.submit(Command(stream, "reset"))
+        self.submit(Command(stream, "reset"))  # the batcher builds its compute state and zeroes the slot
         return stream
 
     def submit(self, command: Command) -> None:

@@ -273,9 +273,12 @@ def parse_vosk_message(text: str) -> VoskMessage:
 
 
 def vosk_partial(text: str) -> str:
-    return json.dumps({"partial": text})
+    """Vosk replies carry lower-case text, as Vosk models produce."""
+    return json.dumps({"partial": text.lower()})
 
 
 def vosk_result(segments: list[Segment]) -> str:
-    words = [{"word": w.word, "start": w.start, "end": w.end, "conf": w.conf} for s in segments for w in s.words]
-    return json.dumps({"result": words, "text": " ".join(s.text for s in segments)})
+    words = [
+        {"word": w.word.lower(), "start": w.start, "end": w.end, "conf": w.conf} for s in segments for w in s.words
+    ]
+    return json.dumps({"result": words, "text": " ".join(s.text for s in segments).lower()})

@@ -344,8 +344,8 @@ class ASRServer:
                 return P.error(e.code, e.message), False
             finals, partial, _ = await session.replies.get()
             if finals:
-                return P.vosk_result(finals).lower(), False
-            return P.vosk_partial(partial.text.lower() if partial is not None else ""), False
+                return P.vosk_result(finals), False
+            return P.vosk_partial(partial.text if partial is not None else ""), False
         try:
             command = P.parse_vosk_message(message)
         except P.ProtocolError as e:
@@ -359,4 +359,4 @@ class ASRServer:
         kind = "close" if isinstance(command, P.VoskEof) else "flush"
         self.engine.submit(Command(stream, kind))
         finals, _, _ = await session.replies.get()
-        return P.vosk_result(finals).lower(), kind == "close"
+        return P.vosk_result(finals), kind == "close"

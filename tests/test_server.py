@@ -307,3 +307,12 @@ def test_idle_timeout_and_fast_sender_is_slowed(tiny_model) -> None:
             assert time.monotonic() - start >= 1.4
     finally:
         running.stop()
+
+
+def test_vosk_messages_are_lower_case() -> None:
+    from asr.decoding import Segment, Word
+
+    seg = Segment(0, 0.1, 0.9, "HELLO THERE", (Word("HELLO", 0.1, 0.4, 0.9), Word("THERE", 0.5, 0.9, 0.8)))
+    result = json.loads(P.vosk_result([seg]))
+    assert result["text"] == "hello there" and [w["word"] for w in result["result"]] == ["hello", "there"]
+    assert json.loads(P.vosk_partial("HEL")) == {"partial": "hel"}
