@@ -13,6 +13,7 @@ decoder), so its finals equal the offline transcript; batching only adds float r
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -103,16 +104,24 @@ class Engine:
             self.pool = model.init_state(max_streams, device)
         self.free = list(range(max_streams - 1, -1, -1))
         self.logmel = LogMel().to(device)
-        self.streams: dict[str, Stream] = {}
+        self.streams: dict[str, Stream] = {}  # event-loop side: streams holding a slot
+        self._live: dict[str, Stream] = {}  # batcher side: streams whose compute state is set up
         self.queue: asyncio.Queue[Command] = asyncio.Queue()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
         self.stats = EngineStats()
         self._task: asyncio.Task | None = None
+        self.failure: BaseException | None = None  # set if the batcher died; /healthz reports it
 
     # ------------------------------------------------------------ event-loop side
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        self._task.add_done_callback(self._on_exit)
+
+    def _on_exit(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.failure = task.exception()
+            logging.getLogger(__name__).error("batcher failed", exc_info=self.failure)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -164,6 +173,7 @@ class Engine:
             if cmd.kind == "reset":
                 self._zero_slot(s.slot)
                 s.reset(self.logmel, self.device)
+                self._live[s.id] = s
             elif cmd.kind == "audio" and not s.closed:
                 self._accept(s, cmd.audio)
                 loop.call_soon_threadsafe(self._drained, s, len(cmd.audio))
@@ -200,7 +210,9 @@ class Engine:
     def _run_model(self, finals: dict[str, list[Segment]]) -> None:
         """Step every stream with a whole encoder frame ready, batched, until none has one."""
         while True:
-            ready = [s for s in self.streams.values() if s.pending.shape[0] >= SUBSAMPLING and not s.closed]
+            for sid in [sid for sid, s in self._live.items() if s.closed]:
+                del self._live[sid]
+            ready = [s for s in self._live.values() if s.pending.shape[0] >= SUBSAMPLING]
             if not ready:
                 return
             frames = min(MAX_CHUNK_FRAMES, *(s.pending.shape[0] // SUBSAMPLING for s in ready))

@@ -140,6 +140,8 @@ class ASRServer:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == P.HEALTH_PATH:
+            if self.engine.failure is not None:
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"batcher failed: {self.engine.failure!r}\n")
             return connection.respond(HTTPStatus.OK, "ok\n")
         if path == P.METRICS_PATH:
             return self._metrics_response(connection)

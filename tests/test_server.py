@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -316,3 +317,25 @@ def test_vosk_messages_are_lower_case() -> None:
     result = json.loads(P.vosk_result([seg]))
     assert result["text"] == "hello there" and [w["word"] for w in result["result"]] == ["hello", "there"]
     assert json.loads(P.vosk_partial("HEL")) == {"partial": "hel"}
+
+
+def test_health_reports_a_dead_batcher(tiny_model, monkeypatch) -> None:
+    running = RunningServer(tiny_model, ServerConfig(port=0))
+    try:
+        engine = running.server.engine
+
+        def broken(commands, loop):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(engine, "_process", broken)
+        with connect(f"{running.url}{P.STREAM_PATH}") as ws:
+            ws.recv()
+            ws.send(b"\x00\x00" * 160)
+            deadline = time.monotonic() + 10
+            while engine.failure is None and time.monotonic() < deadline:
+                time.sleep(0.02)  # the test waits for the batcher task to end
+        with pytest.raises(urllib.error.HTTPError) as status:
+            urllib.request.urlopen(running.http + P.HEALTH_PATH)
+        assert status.value.code == 503 and b"boom" in status.value.read()
+    finally:
+        running.stop()
