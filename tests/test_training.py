@@ -73,6 +73,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         ({**good, "data": {"train": [{"path": 3}]}}, r"data.train\[0\].path: expected str"),
         ({**good, "model": {"d_model": 100}}, "model: d_model"),
         ({"data": {"train": []}}, "data.train: must be at least one source"),
+        ({"data": {"train": [{"path": "x", "exclude_ids": "(["}]}}, r"data.train\[0\]: exclude_ids: not a valid"),
         ({}, "data: required"),
     ]
     for raw, message in cases:
@@ -196,3 +197,29 @@ def test_flops_estimate_matches_a_flop_counter() -> None:
         model(torch.randn(1, int(seconds * 100), 80))
     estimate = forward_flops_per_second_of_audio(TINY) * seconds
     assert math.isclose(estimate, counter.get_total_flops(), rel_tol=0.35)
+
+
+def test_init_from_starts_from_a_model_dir(tmp_path: Path, tiny_corpus: Path, tiny_model_dir: Path) -> None:
+    from asr.checkpoint import load_model
+    from asr.data import DataError
+    from training.loop import Trainer
+
+    source, config = load_model(tiny_model_dir)
+    trainer = Trainer(load_config(_config(tmp_path, tiny_corpus)), None, False, init_from=tiny_model_dir)
+    mine = trainer.model.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in source.state_dict().items())
+    assert torch.equal(trainer.model.cmvn.mean, config.cmvn.mean) and trainer.state.step == 0
+    deeper = _config(tmp_path, tiny_corpus, "deeper")
+    deeper.write_text(deeper.read_text().replace(f"n_layers = {TINY.n_layers}", f"n_layers = {TINY.n_layers + 1}"))
+    with pytest.raises(DataError, match="differ from the config"):
+        Trainer(load_config(deeper), None, False, init_from=tiny_model_dir)
+
+
+def test_exclude_ids_leaves_out_matching_utterances(tiny_corpus: Path) -> None:
+    from training.config import SourceConfig
+    from training.loop import _read
+
+    everything = _read(SourceConfig(str(tiny_corpus / "train.jsonl"))).utterances
+    first = everything[0].id
+    rest = _read(SourceConfig(str(tiny_corpus / "train.jsonl"), exclude_ids=f"{first}|nothing")).utterances
+    assert [u.id for u in rest] == [u.id for u in everything[1:]]

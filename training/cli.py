@@ -22,6 +22,13 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="TOML training config")
     p.add_argument("--resume", type=Path, help="run folder (its newest checkpoint) or one ckpt-* folder")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="start from this model directory's weights and CMVN (fine-tuning; a fresh optimizer and schedule); "
+        "ignored once --resume finds a checkpoint",
+    )
     p.add_argument("--until-step", type=int, help="stop at this step with a checkpoint (the schedule is unchanged)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -31,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config)
-        result = train(cfg, resume=args.resume, progress=not args.quiet, until_step=args.until_step)
+        result = train(
+            cfg, resume=args.resume, progress=not args.quiet, until_step=args.until_step, init_from=args.init_from
+        )
     except (ConfigError, DataError, ModelLoadError) as e:
         print(f"asr train: error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ An unknown key or a value of the wrong type or range is an error that names the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,13 @@ class SourceConfig:
     weight: float = 1.0
     exclude_speakers: tuple[str, ...] = ()  # e.g. the speakers kept aside for dev
     only_speakers: tuple[str, ...] = ()  # e.g. those same speakers, as a dev source
+    exclude_ids: str = ""  # a regular expression; utterances whose id fully matches it are left out
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.exclude_ids)
+        except re.error as e:
+            raise ValueError(f"exclude_ids: not a valid regular expression: {e}") from e
 
 
 @dataclass(frozen=True)

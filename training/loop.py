@@ -11,6 +11,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import re
 import signal
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from asr.augment import AugmentConfig, Augmenter
 from asr.data import DataError, DataSource, SpeechDataset, Utterance, bucket_batches, collate, mix, read_source
 from asr.evaluate import evaluate
 from asr.features import CMVN, SAMPLE_RATE, CMVNAccumulator, LogMel, frame_lengths
+from asr.checkpoint import load_model
 from asr.model import ASRModel
 from asr.text import Tokenizer, ctc_min_frames
 from training.config import DataConfig, OptimConfig, SourceConfig, TrainConfig
@@ -103,9 +105,16 @@ def pick_device(name: str, d: Dist) -> torch.device:
 
 def _read(src: SourceConfig) -> DataSource:
     source = read_source(src.path)
-    if src.exclude_speakers or src.only_speakers:
+    if src.exclude_speakers or src.only_speakers or src.exclude_ids:
         drop, keep = set(src.exclude_speakers), set(src.only_speakers)
-        utts = tuple(u for u in source.utterances if u.speaker not in drop and (not keep or u.speaker in keep))
+        pattern = re.compile(src.exclude_ids) if src.exclude_ids else None
+        utts = tuple(
+            u
+            for u in source.utterances
+            if u.speaker not in drop
+            and (not keep or u.speaker in keep)
+            and not (pattern and pattern.fullmatch(u.id))
+        )
         source = DataSource(source.name, utts, source.skipped)
     if not source.utterances:
         raise DataError(f"{src.path}: no utterances left to use")
@@ -287,7 +296,7 @@ class _Stop:
 class Trainer:
     """One training run. `run()` is the loop; each other method is one part of a step."""
 
-    def __init__(self, cfg: TrainConfig, resume: Path | None, progress: bool) -> None:
+    def __init__(self, cfg: TrainConfig, resume: Path | None, progress: bool, init_from: Path | None = None) -> None:
         self.cfg, self.d = cfg, setup_distributed()
         self.data = prepare_data(cfg.data)
         self.device = pick_device(cfg.run.device, self.d)
@@ -303,7 +312,7 @@ class Trainer:
         show = progress and self.d.main
         self.load = AudioCache(self.all_train, os.cpu_count() or 1, show) if cfg.data.cache_audio else load_audio
         self.augment = make_augmenter(cfg.data, self.all_train, self.load)
-        self.state, self.last_ckpt = self._restore(resume), self.run_dir
+        self.state, self.last_ckpt = self._restore(resume, init_from), self.run_dir
         self.net: torch.nn.Module = self.model
         if self.d.world > 1:
             ids = [self.d.local_rank] if self.device.type == "cuda" else None
@@ -313,8 +322,12 @@ class Trainer:
         self.flops_per_audio_s = 3 * forward_flops_per_second_of_audio(cfg.model)
         self.window_audio, self.window_start, self.start = 0.0, time.perf_counter(), time.perf_counter()
 
-    def _restore(self, resume: Path | None) -> TrainerState:
-        """The newest checkpoint under `resume`, or a fresh start with CMVN from the data."""
+    def _restore(self, resume: Path | None, init_from: Path | None) -> TrainerState:
+        """The newest checkpoint under `resume`; else a fresh start from `init_from`'s weights and CMVN, or
+        from random weights with CMVN from the data."""
+        if resume is None and init_from is not None:
+            self._init_weights(init_from)
+            return TrainerState()
         if resume is None:
             self.model.set_cmvn(compute_cmvn(self.data, self.cfg, self.logmel, self.device, self.load))
             return TrainerState()
@@ -323,6 +336,14 @@ class Trainer:
             raise DataError(f"--resume {resume}: no complete checkpoint there")
         self.last_ckpt = ckpt
         return load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.generator)
+
+    def _init_weights(self, model_dir: Path) -> None:
+        """Start from a model directory's weights and CMVN (fine-tuning); its dims must be the config's."""
+        source, config = load_model(model_dir)
+        if config.dims != self.cfg.model:
+            raise DataError(f"--init-from {model_dir}: its dims {config.dims} differ from the config's {self.cfg.model}")
+        self.model.load_state_dict(source.state_dict())
+        self.model.set_cmvn(config.cmvn)
 
     def run(self, until_step: int | None) -> TrainResult:
         if self.d.main:
@@ -418,14 +439,19 @@ class Trainer:
 
 
 def train(
-    cfg: TrainConfig, resume: Path | None = None, progress: bool = True, until_step: int | None = None
+    cfg: TrainConfig,
+    resume: Path | None = None,
+    progress: bool = True,
+    until_step: int | None = None,
+    init_from: Path | None = None,
 ) -> TrainResult:
-    """Train per `cfg`, from scratch or from the newest checkpoint under `resume`.
+    """Train per `cfg`, from scratch, from a model directory's weights (`init_from`, a new schedule and
+    optimizer), or continuing exactly from the newest checkpoint under `resume` (which takes precedence).
 
     `until_step` stops early, with a checkpoint, without changing the schedule (which still runs
     to optim.max_steps): a long run can be cut into pieces that each fit a time limit.
     """
-    return Trainer(cfg, resume, progress).run(until_step)
+    return Trainer(cfg, resume, progress, init_from).run(until_step)
 
 
 def _dev_wer(model: ASRModel, dev: Sequence[Utterance], device: torch.device) -> float:
