@@ -5,11 +5,19 @@ for streaming, where `state` is a typed structure owned by the caller, allocated
 `ASRModel.init_state` and updated in place. Streaming any split of the input through `chunk`
 gives the logits of one `forward` pass, within float tolerance.
 
-Shapes: B batch, T feature frames (10 ms), L encoder frames (40 ms, T = 4 L), V vocabulary.
+`chunk` also takes `slots`: then `state` is a pool of S streams and only its rows `slots` are read and
+written, so a server can step any subset of its streams without gathering or scattering their state.
+
+Where the SSM runs (`Impl`): the pure-PyTorch reference (CPU, and `fused=False`); on CUDA, the Triton
+chunked scan (`kernels/ssd_scan.py`, training and long chunks) or the fused Triton step
+(`kernels/step.py`, streaming chunks of up to 16 encoder frames, state read and written once a chunk).
+
+Shapes: B batch, T feature frames (10 ms), L encoder frames (40 ms, T = 4 L), V vocabulary, S pool slots.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -21,6 +29,7 @@ from asr.features import CMVN, N_MELS, SUBSAMPLING
 from asr.ssm import causal_conv1d, gated_rms_norm, rms_norm, ssd_scan
 from asr.text import VOCAB
 from kernels import ssd_scan as triton_scan
+from kernels import step as triton_step
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,21 @@ class ModelDimensions:
         return asdict(self)
 
 
+class Impl(enum.Enum):
+    """How a Mamba layer computes its SSM."""
+
+    TORCH = "torch"  # asr.ssm reference math, any device
+    SCAN = "scan"  # Triton chunked scan, CUDA
+    STEP = "step"  # Triton fused streaming step on the state pool, CUDA, at most triton_step.MAX_FRAMES frames
+
+    @staticmethod
+    def pick(x: torch.Tensor, fused: bool = True) -> Impl:
+        """The fastest exact choice for input x (B, L, ...): TORCH on the CPU or when not `fused`."""
+        if not (fused and x.is_cuda):
+            return Impl.TORCH
+        return Impl.STEP if x.shape[1] <= triton_step.MAX_FRAMES else Impl.SCAN
+
+
 @dataclass
 class FrontEndState:
     """Caches of the two causal stride-2 convs: the last input frame each saw."""
@@ -95,21 +119,6 @@ class EncoderState:
         for t in self.tensors():
             t.zero_()
         return self
-
-    def select(self, rows: torch.Tensor) -> EncoderState:
-        """A new state holding copies of `rows` (slot indices) of this one."""
-        pick = [t.index_select(0, rows) for t in self.tensors()]
-        return _state_from(pick, len(self.layers))
-
-    def assign_(self, rows: torch.Tensor, other: EncoderState) -> None:
-        """Write `other` (len(rows) streams) into `rows` of this state, in place."""
-        for mine, theirs in zip(self.tensors(), other.tensors(), strict=True):
-            mine.index_copy_(0, rows, theirs)
-
-
-def _state_from(tensors: list[torch.Tensor], n_layers: int) -> EncoderState:
-    layers = [MambaLayerState(tensors[2 + 2 * i], tensors[3 + 2 * i]) for i in range(n_layers)]
-    return EncoderState(FrontEndState(tensors[0], tensors[1]), layers)
 
 
 def _halved(n: int) -> int:
@@ -154,8 +163,17 @@ class Subsampling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, None)
 
-    def chunk(self, x: torch.Tensor, state: FrontEndState) -> tuple[torch.Tensor, FrontEndState]:
-        return self._run(x, state), state
+    def chunk(
+        self, x: torch.Tensor, state: FrontEndState, slots: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, FrontEndState]:
+        """x (B, 4 L, n_mels) -> (B, L, d_model). With `slots` (B,), `state` is a pool and rows `slots` are used."""
+        if slots is None:
+            return self._run(x, state), state
+        rows = FrontEndState(state.conv1[slots], state.conv2[slots])  # two small caches: gathered, then written back
+        y = self._run(x, rows)
+        state.conv1.index_copy_(0, slots, rows.conv1)
+        state.conv2.index_copy_(0, slots, rows.conv2)
+        return y, state
 
 
 class RMSNorm(nn.Module):
@@ -186,8 +204,8 @@ class Mamba2Mixer(nn.Module):
         self.norm = RMSNorm(dims.d_inner)
         self.out_proj = nn.Linear(dims.d_inner, dims.d_model, bias=False)
 
-    def _run(self, u: torch.Tensor, state: MambaLayerState | None) -> torch.Tensor:
-        """u (B, L, d_model) -> (B, L, d_model); reads and rewrites `state` in place if given."""
+    def _run(self, u: torch.Tensor, state: MambaLayerState | None, impl: Impl) -> torch.Tensor:
+        """u (B, L, d_model) -> (B, L, d_model) by impl TORCH or SCAN; reads and rewrites `state` in place if given."""
         d = self.dims
         b, l, _ = u.shape
         z, xbc, dt = self.in_proj(u).split([d.d_inner, d.conv_dim, d.n_heads], dim=-1)
@@ -195,7 +213,7 @@ class Mamba2Mixer(nn.Module):
         x, B, C = xbc.split([d.d_inner, d.n_groups * d.d_state, d.n_groups * d.d_state], dim=-1)
         x = x.reshape(b, l, d.n_heads, d.head_dim)
         dt = F.softplus(dt.float() + self.dt_bias.float())
-        scan = triton_scan.ssd_scan if x.is_cuda else ssd_scan  # same function; Triton on CUDA
+        scan = triton_scan.ssd_scan if impl is Impl.SCAN else ssd_scan  # the same function
         y, final = scan(
             x,
             dt,
@@ -211,11 +229,46 @@ class Mamba2Mixer(nn.Module):
         y = gated_rms_norm(y.reshape(b, l, d.d_inner), z, self.norm.weight, self.norm.eps)
         return self.out_proj(y.to(u.dtype))
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return self._run(u, None)
+    def _step(self, u: torch.Tensor, pool: MambaLayerState, slots: torch.Tensor) -> torch.Tensor:
+        """u (B, L <= 16, d_model) -> (B, L, d_model) through the fused Triton step on pool rows `slots`."""
+        d = self.dims
+        y = triton_step.step(
+            self.in_proj(u),
+            pool.conv,
+            pool.ssm,
+            slots,
+            self.conv_weight,
+            self.conv_bias,
+            self.dt_bias,
+            self.A_log,
+            self.D,
+            self.norm.weight,
+            d.n_groups,
+            d.head_dim,
+            self.norm.eps,
+            check=False,  # ASRModel.chunk checked them once for all layers
+        )
+        return self.out_proj(y)
 
-    def chunk(self, u: torch.Tensor, state: MambaLayerState) -> tuple[torch.Tensor, MambaLayerState]:
-        return self._run(u, state), state
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self._run(u, None, Impl.SCAN if u.is_cuda else Impl.TORCH)
+
+    def chunk(
+        self, u: torch.Tensor, state: MambaLayerState, slots: torch.Tensor | None = None, impl: Impl | None = None
+    ) -> tuple[torch.Tensor, MambaLayerState]:
+        """u (B, L, d_model) -> (B, L, d_model), advancing `state` in place. With `slots` (B,) int64, distinct,
+        `state` is a pool and only its rows `slots` are used. `impl` defaults to `Impl.pick(u)`."""
+        impl = impl or Impl.pick(u)
+        if impl is Impl.STEP:
+            rows = slots if slots is not None else torch.arange(u.shape[0], device=u.device)
+            return self._step(u, state, rows), state
+        if slots is None:
+            return self._run(u, state, impl), state
+        rows = MambaLayerState(state.conv[slots], state.ssm[slots])
+        y = self._run(u, rows, impl)
+        state.conv.index_copy_(0, slots, rows.conv)
+        state.ssm.index_copy_(0, slots, rows.ssm)
+        return y, state
 
 
 class MambaBlock(nn.Module):
@@ -229,8 +282,10 @@ class MambaBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mixer(self.norm(x))
 
-    def chunk(self, x: torch.Tensor, state: MambaLayerState) -> tuple[torch.Tensor, MambaLayerState]:
-        y, state = self.mixer.chunk(self.norm(x), state)
+    def chunk(
+        self, x: torch.Tensor, state: MambaLayerState, slots: torch.Tensor | None = None, impl: Impl | None = None
+    ) -> tuple[torch.Tensor, MambaLayerState]:
+        y, state = self.mixer.chunk(self.norm(x), state, slots, impl)
         return x + y, state
 
 
@@ -304,15 +359,33 @@ class ASRModel(nn.Module):
         ]
         return EncoderState(frontend, layers)
 
-    def chunk(self, feats: torch.Tensor, state: EncoderState) -> tuple[torch.Tensor, EncoderState]:
-        """feats (B, 4 L, n_mels) raw log-mel -> logits (B, L, V); advances `state` in place."""
+    def chunk(
+        self,
+        feats: torch.Tensor,
+        state: EncoderState,
+        slots: torch.Tensor | None = None,
+        fused: bool = True,
+        check: bool = True,
+    ) -> tuple[torch.Tensor, EncoderState]:
+        """feats (B, 4 L, n_mels) raw log-mel -> logits (B, L, V); advances `state` in place.
+
+        Without `slots`, `state` holds exactly these B streams. With `slots` (B,) int64, `state` is a pool
+        (`init_state(S)`) and only its rows `slots` are read and written; they must be distinct, which `check`
+        verifies (a device sync; it is skipped while a CUDA graph is being captured). `fused=False` forces the
+        pure-PyTorch path (the reference) on CUDA too.
+        """
         if feats.shape[1] % SUBSAMPLING:
             raise ValueError(f"chunk() needs a multiple of {SUBSAMPLING} feature frames, got {feats.shape[1]}")
         if feats.shape[1] == 0:
             return feats.new_zeros(feats.shape[0], 0, self.dims.vocab_size, dtype=self.head.weight.dtype), state
-        x, _ = self.frontend.chunk(self._normalize(feats).to(self.head.weight.dtype), state.frontend)
+        if slots is not None and check and not (feats.is_cuda and torch.cuda.is_current_stream_capturing()):
+            triton_step.check_slots(slots, state.frontend.conv1.shape[0])
+        x, _ = self.frontend.chunk(self._normalize(feats).to(self.head.weight.dtype), state.frontend, slots)
+        impl = Impl.pick(x, fused)
+        if impl is Impl.STEP and slots is None:
+            slots = torch.arange(x.shape[0], device=x.device)
         for block, layer_state in zip(self.layers, state.layers, strict=True):
-            x, _ = block.chunk(x, layer_state)
+            x, _ = block.chunk(x, layer_state, slots, impl)
         return self.head(self.norm_f(x)), state
 
     def num_parameters(self) -> int:

@@ -25,6 +25,9 @@ shifts the stream's conv cache row (all conv_dim channels) to the last K - 1 inp
 before a barrier and writing after it (for L < K - 1 the new row holds part of the old one).
 
 The pool is addressed through slots[b] in both kernels: no gather or scatter, rows outside `slots` are untouched.
+`step` checks the slots (range and distinctness, a device sync) unless told the caller did (`check=False`, as
+under CUDA graph capture). Rows that share a slot race; a caller that pads a batch points every pad row at one
+spare slot whose contents it never reads.
 No autotuning: the kernels write the pool in place, so a tuning rerun would advance the state twice.
 """
 
@@ -39,7 +42,7 @@ import triton.language as tl
 
 from asr.ssm import causal_conv1d, gated_rms_norm, ssm_scan_ref
 
-__all__ = ["step", "step_ref", "MAX_FRAMES"]
+__all__ = ["step", "step_ref", "check_slots", "MAX_FRAMES"]
 
 MAX_FRAMES = 16  # L is a constexpr (the frame loop is unrolled): at most this many frames per call
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -226,7 +229,19 @@ def _interpreting() -> bool:
 
 
 def _check(
-    zxbcdt, conv_cache, ssm_state, slots, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, n_groups, head_dim
+    zxbcdt,
+    conv_cache,
+    ssm_state,
+    slots,
+    conv_weight,
+    conv_bias,
+    dt_bias,
+    A_log,
+    D,
+    norm_weight,
+    n_groups,
+    head_dim,
+    check_values: bool,
 ):
     """Raise ValueError unless the arguments fit together; returns (d_inner, conv_dim, n_heads, d_state, K)."""
     if zxbcdt.dim() != 3:
@@ -272,7 +287,10 @@ def _check(
     if zxbcdt.device.type != "cuda" and not _interpreting():
         raise ValueError(f"step needs CUDA tensors (or TRITON_INTERPRET=1), got {zxbcdt.device}")
     _check_pool(zxbcdt, conv_cache, ssm_state)
-    _check_slots(slots, b, s)
+    if slots.dtype != torch.int64 or tuple(slots.shape) != (b,):
+        raise ValueError(f"slots must be int64 of shape ({b},), got {slots.dtype} {tuple(slots.shape)}")
+    if check_values:
+        check_slots(slots, s)
     return d_inner, conv_dim, h, n, k
 
 
@@ -288,13 +306,12 @@ def _check_pool(zxbcdt, conv_cache, ssm_state):
             raise ValueError(f"{name} must be contiguous: it is updated in place")
 
 
-def _check_slots(slots, b, s):
-    if slots.dtype != torch.int64 or tuple(slots.shape) != (b,):
-        raise ValueError(f"slots must be int64 of shape ({b},), got {slots.dtype} {tuple(slots.shape)}")
-    lo, hi = slots.min().item(), slots.max().item()  # a device sync on CUDA
-    if lo < 0 or hi >= s:
-        raise ValueError(f"slots must index the pool of {s} slots, got values in [{lo}, {hi}]")
-    if torch.unique(slots).numel() != b:
+def check_slots(slots: torch.Tensor, pool_size: int) -> None:
+    """Raise ValueError unless `slots` (B,) are distinct indices of a pool of `pool_size` rows (a device sync)."""
+    lo, hi = slots.min().item(), slots.max().item()
+    if lo < 0 or hi >= pool_size:
+        raise ValueError(f"slots must index the pool of {pool_size} slots, got values in [{lo}, {hi}]")
+    if torch.unique(slots).numel() != slots.numel():
         raise ValueError(f"slots must be distinct, got {slots.tolist()}")
 
 
@@ -312,10 +329,12 @@ def step(
     n_groups,
     head_dim,
     eps=1e-5,
+    check=True,
 ):
-    """The Triton form of `step_ref`: returns y (B, L, d_inner) and updates the pool rows `slots` in place."""
+    """The Triton form of `step_ref`: returns y (B, L, d_inner) and updates the pool rows `slots` in place.
+    `check=False` skips `check_slots` (no device sync; the caller vouches for the slots)."""
     args = (zxbcdt, conv_cache, ssm_state, slots, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight)
-    d_inner, conv_dim, h, n, k = _check(*args, n_groups, head_dim)
+    d_inner, conv_dim, h, n, k = _check(*args, n_groups, head_dim, check)
     b, l, d_in_proj = zxbcdt.shape
     zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight = (
         t.contiguous() for t in (zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight)

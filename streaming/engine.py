@@ -2,9 +2,10 @@
 
 The event loop only enqueues commands (audio, flush, close) on an `asyncio.Queue`. The batcher
 awaits that queue, takes everything waiting, and runs the compute in its own worker thread:
-resampling, features, then batched `model.chunk` calls over every stream that has a whole
-encoder frame ready, then greedy decoding. Messages for clients go back to each stream's
-asyncio queue through `loop.call_soon_threadsafe`. Nothing polls.
+resampling, features, then batched steps (`asr.stepper.EncoderStepper`: the fused Triton step
+under CUDA graphs on CUDA, PyTorch on the CPU) over every stream that has a whole encoder frame
+ready, addressing each stream's state by its slot in place, then greedy decoding. Messages for
+clients go back to each stream's asyncio queue through `loop.call_soon_threadsafe`. Nothing polls.
 
 Each stream runs exactly the path of `asr transcribe` (same resampler, features, model state and
 decoder), so its finals equal the offline transcript; batching only adds float rounding.
@@ -27,9 +28,10 @@ from asr.audio import StreamingResampler
 from asr.decoding import GreedyCTCDecoder, Segment, SegmenterConfig
 from asr.features import ENCODER_FRAME_S, N_MELS, SUBSAMPLING, LogMel, StreamingLogMel
 from asr.model import ASRModel
+from asr.stepper import MAX_GRAPH_FRAMES, EncoderStepper
 from streaming.protocol import StreamOptions
 
-MAX_CHUNK_FRAMES = 25  # encoder frames (1 s) per batched step at most
+MAX_CHUNK_FRAMES = MAX_GRAPH_FRAMES  # encoder frames (640 ms) per batched step at most
 
 
 class CapacityError(Exception):
@@ -100,8 +102,7 @@ class Engine:
         self.on_step = on_step
         self.device = device
         self.max_streams = max_streams
-        with torch.inference_mode():
-            self.pool = model.init_state(max_streams, device)
+        self.stepper = EncoderStepper(model, max_streams, device)
         self.free = list(range(max_streams - 1, -1, -1))
         self.logmel = LogMel().to(device)
         self.streams: dict[str, Stream] = {}  # event-loop side: streams holding a slot
@@ -171,7 +172,7 @@ class Engine:
         for cmd in commands:
             s = cmd.stream
             if cmd.kind == "reset":
-                self._zero_slot(s.slot)
+                self.stepper.reset(s.slot)
                 s.reset(self.logmel, self.device)
                 self._live[s.id] = s
             elif cmd.kind == "audio" and not s.closed:
@@ -198,10 +199,6 @@ class Engine:
         if stream.on_drained is not None:
             stream.on_drained()
 
-    def _zero_slot(self, slot: int) -> None:
-        for t in self.pool.tensors():
-            t[slot].zero_()
-
     def _accept(self, s: Stream, samples: np.ndarray) -> None:
         audio = s.resampler.accept(torch.from_numpy(samples))
         s.pending = torch.cat([s.pending, s.features.accept(audio)])
@@ -225,13 +222,9 @@ class Engine:
                 finals.setdefault(s.id, []).extend(s.decoder.feed(lp))
 
     def _step(self, streams: list[Stream], feats: torch.Tensor) -> torch.Tensor:
-        """One batched model step over the streams' slots: gather, chunk, scatter back."""
+        """One batched model step over the streams' slots, in place."""
         start = time.perf_counter()
-        rows = torch.tensor([s.slot for s in streams], device=self.device)
-        state = self.pool.select(rows)
-        logits, _ = self.model.chunk(feats, state)
-        self.pool.assign_(rows, state)
-        out = logits.float().log_softmax(-1).cpu()
+        out = self.stepper(feats, [s.slot for s in streams]).cpu()
         elapsed = time.perf_counter() - start
         self.stats.steps += 1
         self.stats.last_batch = len(streams)

@@ -1,0 +1,147 @@
+"""Step any subset of a pool of streams through the whole encoder; under CUDA graphs on CUDA.
+
+`EncoderStepper` owns the state pool (`ASRModel.init_state(capacity + 1)`, allocated once) and turns
+(features, slots) into log-probabilities. On CUDA it captures one graph per (batch bucket, frames): the
+batch is padded up to a power of two and each pad row steps the spare slot `capacity`, which no stream
+owns and nothing reads. A capture runs the step twice on a side stream first (compiling the Triton
+kernels and warming cuBLAS), with every row on the spare slot, so no stream's state moves. Replays
+copy the inputs into the graph's static buffers; chunks longer than `MAX_GRAPH_FRAMES` run as several
+replays, which is exact (streaming equals offline).
+
+Shapes: B streams, L encoder frames, T = 4 L feature frames, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from asr.features import N_MELS, SUBSAMPLING
+from asr.model import ASRModel, EncoderState
+from kernels.step import MAX_FRAMES as MAX_GRAPH_FRAMES
+
+
+@dataclass
+class _Graph:
+    """One captured step: replay after filling `feats` and `slots`; the result lands in `log_probs`."""
+
+    graph: torch.cuda.CUDAGraph
+    feats: torch.Tensor  # (bucket, 4 frames, n_mels) float32, static input
+    slots: torch.Tensor  # (bucket,) int64, static input
+    log_probs: torch.Tensor  # (bucket, frames, V) float32, static output
+
+
+def bucket(n: int) -> int:
+    """The batch size a graph is captured for: the next power of two >= n."""
+    return 1 << (n - 1).bit_length()
+
+
+class EncoderStepper:
+    """The state pool of up to `capacity` streams and the batched step over any subset of them.
+
+    `graphs` (default: on CUDA) replays captured CUDA graphs; otherwise each call runs `model.chunk` eagerly.
+    `fused=False` uses the pure-PyTorch layers (the reference) instead of the Triton step kernel.
+    """
+
+    def __init__(
+        self,
+        model: ASRModel,
+        capacity: int,
+        device: torch.device | str,
+        graphs: bool | None = None,
+        fused: bool = True,
+    ) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.model = model.eval()
+        self.device = torch.device(device)
+        self.capacity = capacity
+        self.fused = fused
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        if self.graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {self.device}")
+        with torch.inference_mode():
+            self.pool: EncoderState = model.init_state(capacity + 1, self.device)  # + the spare slot for pad rows
+        self.spare = capacity
+        self._captured: dict[tuple[int, int], _Graph] = {}
+        self._mempool = torch.cuda.graph_pool_handle() if self.graphs else None
+
+    @property
+    def captured(self) -> list[tuple[int, int]]:
+        """(batch bucket, frames) of every graph captured so far."""
+        return sorted(self._captured)
+
+    def reset(self, slot: int) -> None:
+        """Zero one slot's state: the start of a new stream."""
+        self._check_slots([slot])
+        with torch.inference_mode():
+            for t in self.pool.tensors():
+                t[slot].zero_()
+
+    @torch.inference_mode()
+    def __call__(self, feats: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
+        """feats (B, 4 L, n_mels) raw log-mel of the streams in `slots` (B distinct) -> log-probs (B, L, V) float32
+        on the device, advancing those slots. Under graphs the result is a view that the next call overwrites."""
+        self._check_slots(slots)
+        if feats.dim() != 3 or feats.shape[0] != len(slots) or feats.shape[2] != N_MELS:
+            raise ValueError(f"feats must be ({len(slots)}, 4 L, {N_MELS}), got {tuple(feats.shape)}")
+        if feats.shape[1] % SUBSAMPLING:
+            raise ValueError(f"feats must hold a multiple of {SUBSAMPLING} frames, got {feats.shape[1]}")
+        feats = feats.to(self.device, torch.float32)
+        if not self.graphs:
+            rows = torch.tensor(list(slots), dtype=torch.int64, device=self.device)
+            return self._eager(feats, rows, check=False)
+        step = SUBSAMPLING * MAX_GRAPH_FRAMES
+        parts = [self._replay(feats[:, i : i + step], slots) for i in range(0, feats.shape[1], step)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def warmup(self, batches: Sequence[int], frames: Sequence[int]) -> None:
+        """Capture the graphs for these batch sizes and frame counts now rather than on first use."""
+        if self.graphs:
+            with torch.inference_mode():
+                for b in batches:
+                    for f in frames:
+                        self._graph(bucket(b), f)
+
+    # ------------------------------------------------------------ internals
+
+    def _check_slots(self, slots: Sequence[int]) -> None:
+        if not slots:
+            raise ValueError("no slots given")
+        if len(set(slots)) != len(slots) or min(slots) < 0 or max(slots) >= self.capacity:
+            raise ValueError(f"slots must be distinct and in [0, {self.capacity}), got {list(slots)}")
+
+    def _eager(self, feats: torch.Tensor, rows: torch.Tensor, check: bool) -> torch.Tensor:
+        logits, _ = self.model.chunk(feats, self.pool, rows, fused=self.fused, check=check)
+        return logits.float().log_softmax(-1)
+
+    def _replay(self, feats: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
+        b, frames = feats.shape[0], feats.shape[1] // SUBSAMPLING
+        g = self._graph(bucket(b), frames)
+        g.feats[:b].copy_(feats)
+        full = list(slots) + [self.spare] * (g.slots.shape[0] - b)
+        g.slots.copy_(torch.tensor(full, dtype=torch.int64))
+        g.graph.replay()
+        return g.log_probs[:b]
+
+    def _graph(self, size: int, frames: int) -> _Graph:
+        key = (size, frames)
+        if key not in self._captured:
+            self._captured[key] = self._capture(size, frames)
+        return self._captured[key]
+
+    def _capture(self, size: int, frames: int) -> _Graph:
+        feats = torch.zeros(size, SUBSAMPLING * frames, N_MELS, device=self.device)
+        slots = torch.full((size,), self.spare, dtype=torch.int64, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile and warm up; every row steps the spare slot
+                self._eager(feats, slots, check=False)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._mempool):
+            log_probs = self._eager(feats, slots, check=False)
+        return _Graph(graph, feats, slots, log_probs)

@@ -1,0 +1,135 @@
+"""Stepping streams by slot in a state pool: `ASRModel.chunk(..., slots)`, the fused step path of the
+Mamba layers (Triton's interpreter on the CPU), and `EncoderStepper` (eager on the CPU; its CUDA graphs
+are tested in test_model_gpu.py)."""
+
+import random
+import secrets
+
+import pytest
+import torch
+
+from asr.features import CMVN, N_MELS
+from asr.model import ASRModel, Impl, MambaBlock
+from asr.stepper import EncoderStepper, bucket
+from tests.conftest import TINY
+
+
+@pytest.fixture
+def model() -> ASRModel:
+    seed = secrets.randbits(32)
+    torch.manual_seed(seed)
+    return ASRModel(TINY, CMVN(torch.randn(N_MELS), torch.rand(N_MELS) + 0.5)).eval()
+
+
+def _chunks(total: int, rng: random.Random, most: int = 6) -> list[int]:
+    """Random chunk sizes in encoder frames adding up to total."""
+    sizes = []
+    while sum(sizes) < total:
+        sizes.append(min(rng.randint(1, most), total - sum(sizes)))
+    return sizes
+
+
+@torch.inference_mode()
+def test_pool_slots_equal_own_state(model: ASRModel) -> None:
+    """Two streams at slots 3 and 0 of a pool of 5 step exactly as with their own state; other rows stay put."""
+    rng = random.Random(secrets.randbits(32))
+    feats = torch.randn(2, 4 * 30, N_MELS)
+    own, pool = model.init_state(2), model.init_state(5)
+    for t in pool.tensors():
+        t.normal_()
+    before = [t.clone() for t in pool.tensors()]
+    for t in pool.tensors():
+        t[[3, 0]] = 0
+    slots = torch.tensor([3, 0])
+    a, b, i = [], [], 0
+    for n in _chunks(30, rng):
+        a.append(model.chunk(feats[:, 4 * i : 4 * (i + n)], own)[0])
+        b.append(model.chunk(feats[:, 4 * i : 4 * (i + n)], pool, slots)[0])
+        i += n
+    assert torch.equal(torch.cat(a, 1), torch.cat(b, 1))
+    for t, old in zip(pool.tensors(), before, strict=True):
+        assert torch.equal(t[[1, 2, 4]], old[[1, 2, 4]])
+
+
+def test_chunk_checks_slots(model: ASRModel) -> None:
+    pool = model.init_state(4)
+    for bad, message in ((torch.tensor([1, 1]), "distinct"), (torch.tensor([0, 4]), "must index the pool")):
+        with pytest.raises(ValueError, match=message):
+            model.chunk(torch.randn(2, 8, N_MELS), pool, bad)
+
+
+@torch.inference_mode()
+def test_fused_step_layer_equals_torch_layer() -> None:
+    """A Mamba block through the fused Triton step (interpreted) equals the PyTorch path on the same pool rows,
+    over chained chunks of random length."""
+    seed = secrets.randbits(32)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    block = MambaBlock(TINY).eval()
+    pool_a = ASRModel(TINY).init_state(6).layers[0]
+    for t in (pool_a.conv, pool_a.ssm):
+        t.normal_()
+    pool_b = type(pool_a)(pool_a.conv.clone(), pool_a.ssm.clone())
+    slots = torch.tensor([4, 1, 2])
+    x = torch.randn(3, 14, TINY.d_model)
+    ys_a, ys_b, i = [], [], 0
+    for n in _chunks(14, rng, most=6):
+        ys_a.append(block.chunk(x[:, i : i + n], pool_a, slots, Impl.STEP)[0])
+        ys_b.append(block.chunk(x[:, i : i + n], pool_b, slots, Impl.TORCH)[0])
+        i += n
+    torch.testing.assert_close(torch.cat(ys_a, 1), torch.cat(ys_b, 1), rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
+    torch.testing.assert_close(pool_a.ssm, pool_b.ssm, rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
+    assert torch.equal(pool_a.conv, pool_b.conv)
+
+
+def test_impl_pick() -> None:
+    x = torch.zeros(1, 16, 4)
+    assert Impl.pick(x) is Impl.TORCH and Impl.pick(x, fused=False) is Impl.TORCH  # CPU
+
+
+@torch.inference_mode()
+def test_stepper_streams_equal_offline(model: ASRModel) -> None:
+    """Three streams joining and leaving a stepper at different times, stepped in random subsets and chunk
+    sizes, each get the logits of one offline pass over their own audio."""
+    rng = random.Random(secrets.randbits(32))
+    stepper = EncoderStepper(model, capacity=4, device="cpu")
+    assert not stepper.graphs
+    lengths = {0: 24, 2: 40, 3: 17}  # slot -> encoder frames
+    feats = {s: torch.randn(1, 4 * n, N_MELS) for s, n in lengths.items()}
+    done = dict.fromkeys(lengths, 0)
+    out = {s: [] for s in lengths}
+    for s in lengths:
+        stepper.reset(s)
+    while any(done[s] < lengths[s] for s in lengths):
+        active = [s for s in lengths if done[s] < lengths[s] and rng.random() < 0.7]
+        if not active:
+            continue
+        n = min(rng.randint(1, 20), *(lengths[s] - done[s] for s in active))
+        batch = torch.cat([feats[s][:, 4 * done[s] : 4 * (done[s] + n)] for s in active])
+        log_probs = stepper(batch, active)
+        for row, s in enumerate(active):
+            out[s].append(log_probs[row])
+            done[s] += n
+    for s in lengths:
+        offline = model(feats[s])[0].log_softmax(-1)
+        torch.testing.assert_close(torch.cat(out[s]), offline, rtol=1e-5, atol=1e-5)
+
+
+def test_stepper_rejects_bad_input(model: ASRModel) -> None:
+    stepper = EncoderStepper(model, capacity=3, device="cpu")
+    cases = [
+        (torch.randn(2, 8, N_MELS), [0, 0], "distinct"),
+        (torch.randn(2, 8, N_MELS), [0, 3], "distinct and in \\[0, 3\\)"),
+        (torch.randn(1, 8, N_MELS), [], "no slots"),
+        (torch.randn(2, 8, N_MELS), [0], "feats must be"),
+        (torch.randn(1, 6, N_MELS), [1], "multiple of 4"),
+    ]
+    for feats, slots, message in cases:
+        with pytest.raises(ValueError, match=message):
+            stepper(feats, slots)
+    with pytest.raises(ValueError, match="CUDA graphs need"):
+        EncoderStepper(model, capacity=3, device="cpu", graphs=True)
+
+
+def test_bucket() -> None:
+    assert [bucket(n) for n in (1, 2, 3, 5, 64, 65, 1000)] == [1, 2, 4, 8, 64, 128, 1024]
