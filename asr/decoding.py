@@ -87,9 +87,13 @@ class GreedyCTCDecoder:
     def feed(self, log_probs: torch.Tensor) -> list[Segment]:
         """log_probs (L, V) for the next L frames -> the segments these frames completed."""
         best_logp, best = log_probs.detach().float().max(dim=-1)
+        return self.feed_best(best_logp.exp().tolist(), best.tolist())
+
+    def feed_best(self, probs: list[float], tokens: list[int]) -> list[Segment]:
+        """`feed` from each frame's best token and its posterior (a server takes the argmax of a whole batch)."""
         done: list[Segment] = []
-        for logp, token in zip(best_logp.exp().tolist(), best.tolist(), strict=True):
-            self._step(token, logp, done)
+        for prob, token in zip(probs, tokens, strict=True):
+            self._step(token, prob, done)
             self.frame += 1
         return done
 

@@ -77,6 +77,13 @@ class LogMel(torch.nn.Module):
         )
         self.register_buffer("fbanks", fbanks, persistent=False)  # (N_FFT // 2 + 1, N_MELS)
 
+    def frames(self, windows: torch.Tensor) -> torch.Tensor:
+        """windows (T, WINDOW_SAMPLES), one frame's samples each (see `Framer`) -> log-mel (T, N_MELS).
+        Bit-identical to the same frames of `forward` over the whole audio (each frame is computed alone)."""
+        if windows.shape[0] == 0:
+            return windows.new_zeros(0, N_MELS)
+        return self(windows).reshape(windows.shape[0], N_MELS)
+
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         lead = audio.shape[:-1]
         if audio.shape[-1] < WINDOW_SAMPLES:
@@ -87,33 +94,39 @@ class LogMel(torch.nn.Module):
         return mel.reshape(*lead, power.shape[-2], N_MELS).clamp_min(LOG_FLOOR).log()
 
 
-class StreamingLogMel:
-    """Streaming extractor for one stream: carries leftover samples between chunks.
+class Framer:
+    """Cuts one stream's samples into the windows of its complete frames, carrying the leftover.
 
-    For any chunking of the same audio, the concatenated outputs of `accept` equal `LogMel` on
-    the whole audio. Samples past the last complete frame wait for the next chunk; at the end
-    of a stream they are dropped, exactly as the offline extractor drops them.
+    Samples past the last complete frame wait for the next chunk; at the end of a stream they are
+    dropped, exactly as the offline extractor drops them. A server frames every stream with its own
+    `Framer` and extracts all their windows in one `LogMel.frames` call.
     """
 
-    def __init__(self, extractor: LogMel | None = None, device: torch.device | str = "cpu") -> None:
-        self.extractor = extractor if extractor is not None else LogMel().to(device)
+    def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.pending = torch.zeros(0, device=self.device)
-        self.frames_out = 0
 
     def accept(self, samples: torch.Tensor) -> torch.Tensor:
-        """samples (N,) float32 -> new frames (T, N_MELS), T >= 0."""
+        """samples (N,) float32 -> windows of the new complete frames (T, WINDOW_SAMPLES), T >= 0."""
         buffer = torch.cat([self.pending, samples.to(self.device, torch.float32)])
         n = num_frames(buffer.numel())
         self.pending = buffer[n * HOP_SAMPLES :]
-        self.frames_out += n
         if n == 0:
-            return buffer.new_zeros(0, N_MELS)
-        return self.extractor(buffer[: (n - 1) * HOP_SAMPLES + WINDOW_SAMPLES])
+            return buffer.new_zeros(0, WINDOW_SAMPLES)
+        return buffer[: (n - 1) * HOP_SAMPLES + WINDOW_SAMPLES].unfold(0, WINDOW_SAMPLES, HOP_SAMPLES)
 
-    def reset(self) -> None:
-        self.pending = torch.zeros(0, device=self.device)
-        self.frames_out = 0
+
+class StreamingLogMel:
+    """Streaming extractor for one stream. For any chunking of the same audio, the concatenated
+    outputs of `accept` equal `LogMel` on the whole audio, bit for bit."""
+
+    def __init__(self, extractor: LogMel | None = None, device: torch.device | str = "cpu") -> None:
+        self.extractor = extractor if extractor is not None else LogMel().to(device)
+        self.framer = Framer(device)
+
+    def accept(self, samples: torch.Tensor) -> torch.Tensor:
+        """samples (N,) float32 -> new frames (T, N_MELS), T >= 0."""
+        return self.extractor.frames(self.framer.accept(samples))
 
 
 @dataclass(frozen=True)

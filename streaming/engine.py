@@ -26,7 +26,7 @@ import torch
 
 from asr.audio import StreamingResampler
 from asr.decoding import GreedyCTCDecoder, Segment, SegmenterConfig
-from asr.features import ENCODER_FRAME_S, N_MELS, SUBSAMPLING, LogMel, StreamingLogMel
+from asr.features import ENCODER_FRAME_S, N_MELS, SUBSAMPLING, WINDOW_SAMPLES, Framer, LogMel
 from asr.model import ASRModel
 from asr.stepper import MAX_GRAPH_FRAMES, EncoderStepper
 from streaming.protocol import StreamOptions
@@ -54,15 +54,17 @@ class Stream:
     on_drained: Callable[[], None] | None = None  # event-loop side: called as the backlog shrinks
     closed: bool = False
     resampler: StreamingResampler = field(init=False)
-    features: StreamingLogMel = field(init=False)
+    framer: Framer = field(init=False)
+    windows: list[torch.Tensor] = field(init=False)  # (T, WINDOW_SAMPLES) frames not yet through LogMel
     pending: torch.Tensor = field(init=False)  # feature frames not yet through the model
     decoder: GreedyCTCDecoder = field(init=False)
     last_partial: str = ""
     last_partial_frame: int = -(10**9)
 
-    def reset(self, logmel: LogMel, device: torch.device) -> None:
+    def reset(self, device: torch.device) -> None:
         self.resampler = StreamingResampler(self.sample_rate)
-        self.features = StreamingLogMel(logmel, device)
+        self.framer = Framer()
+        self.windows = []
         self.pending = torch.zeros(0, N_MELS, device=device)
         seg = SegmenterConfig(pause_s=self.options.pause_s, max_segment_s=self.options.max_segment_s)
         self.decoder = GreedyCTCDecoder(config=seg)
@@ -173,7 +175,7 @@ class Engine:
             s = cmd.stream
             if cmd.kind == "reset":
                 self.stepper.reset(s.slot)
-                s.reset(self.logmel, self.device)
+                s.reset(self.device)
                 self._live[s.id] = s
             elif cmd.kind == "audio" and not s.closed:
                 self._accept(s, cmd.audio)
@@ -183,6 +185,7 @@ class Engine:
                 s.decoder.config = SegmenterConfig(pause_s=s.options.pause_s, max_segment_s=s.options.max_segment_s)
             elif cmd.kind in ("flush", "close"):
                 ends.append(cmd)
+        self._extract([s for s in self._live.values() if s.windows])
         self._run_model(finals)
         for cmd in ends:
             finals.setdefault(cmd.stream.id, []).extend(self._end(cmd.stream, close=cmd.kind == "close"))
@@ -200,9 +203,18 @@ class Engine:
             stream.on_drained()
 
     def _accept(self, s: Stream, samples: np.ndarray) -> None:
-        audio = s.resampler.accept(torch.from_numpy(samples))
-        s.pending = torch.cat([s.pending, s.features.accept(audio)])
+        """Resample and frame on the CPU; `_extract` computes the features of every stream at once."""
+        s.windows.append(s.framer.accept(s.resampler.accept(torch.from_numpy(samples))))
         self.stats.audio_seconds += len(samples) / s.sample_rate
+
+    def _extract(self, streams: list[Stream]) -> None:
+        """Log-mel of all these streams' new frames in one call on the device (bit-identical to per stream)."""
+        per_stream = [torch.cat(s.windows) if len(s.windows) > 1 else s.windows[0] for s in streams]
+        windows = torch.cat(per_stream) if per_stream else torch.zeros(0, WINDOW_SAMPLES)
+        feats = self.logmel.frames(windows.to(self.device, non_blocking=True))
+        for s, f in zip(streams, feats.split([w.shape[0] for w in per_stream]), strict=True):
+            s.pending = torch.cat([s.pending, f]) if s.pending.shape[0] else f
+            s.windows = []
 
     def _run_model(self, finals: dict[str, list[Segment]]) -> None:
         """Step every stream with a whole encoder frame ready, batched, until none has one."""
@@ -217,33 +229,37 @@ class Engine:
             feats = torch.stack([s.pending[:n] for s in ready])
             for s in ready:
                 s.pending = s.pending[n:]
-            log_probs = self._step(ready, feats)
-            for s, lp in zip(ready, log_probs, strict=True):
-                finals.setdefault(s.id, []).extend(s.decoder.feed(lp))
+            for s, done in zip(ready, self._step(ready, feats), strict=True):
+                finals.setdefault(s.id, []).extend(done)
 
-    def _step(self, streams: list[Stream], feats: torch.Tensor) -> torch.Tensor:
-        """One batched model step over the streams' slots, in place."""
+    def _step(self, streams: list[Stream], feats: torch.Tensor) -> list[list[Segment]]:
+        """One batched model step over the streams' slots, in place; feeds each stream's decoder the batch's
+        argmax (one transfer from the device) and returns the segments each completed."""
         start = time.perf_counter()
-        out = self.stepper(feats, [s.slot for s in streams]).cpu()
+        best_logp, best = self.stepper(feats, [s.slot for s in streams]).max(dim=-1)
+        probs, tokens = torch.stack([best_logp.exp(), best.float()]).cpu()  # token ids < 2^24 are exact
+        done = [
+            s.decoder.feed_best(p, t) for s, p, t in zip(streams, probs.tolist(), tokens.int().tolist(), strict=True)
+        ]
         elapsed = time.perf_counter() - start
         self.stats.steps += 1
         self.stats.last_batch = len(streams)
         self.stats.compute_seconds += elapsed
         if self.on_step is not None:
             self.on_step(elapsed, len(streams))
-        return out
+        return done
 
     def _end(self, s: Stream, close: bool) -> list[Segment]:
         """flush: end the current segment. close: also run the stream's last samples, padded as
         `asr transcribe` pads them, so every sample is covered by a final."""
         if close and not s.closed:
-            audio = s.resampler.flush()
-            s.pending = torch.cat([s.pending, s.features.accept(audio)])
+            s.windows.append(s.framer.accept(s.resampler.flush()))
+            self._extract([s])
             done = []
             if s.pending.shape[0]:
                 tail = self.model.pad_features(s.pending.unsqueeze(0))
                 s.pending = s.pending[:0]
-                done = s.decoder.feed(self._step([s], tail)[0])
+                done = self._step([s], tail)[0]
             s.closed = True
             return done + s.decoder.flush()
         return s.decoder.flush()

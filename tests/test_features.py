@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from asr import features as F
-from asr.features import CMVN, CMVNAccumulator, LogMel, StreamingLogMel, num_frames
+from asr.features import CMVN, CMVNAccumulator, Framer, LogMel, StreamingLogMel, num_frames
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,25 @@ def test_unaligned_random_chunks_are_exact(logmel: LogMel, seed: int) -> None:
 def test_chunks_far_larger_than_a_frame_are_exact(logmel: LogMel) -> None:
     audio = torch.randn(16_000 * 5 + 77) * 0.1
     assert torch.equal(_stream(logmel, audio, [48_000, 48_000]), logmel(audio))
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_windows_of_many_streams_extract_exactly_in_one_batch(logmel: LogMel, seed: int) -> None:
+    """What a server does: frame each stream on its own, extract every stream's new windows in one call."""
+    rng = random.Random(seed)
+    audios = [torch.randn(rng.randrange(300, 9000)) * 0.1 for _ in range(4)]
+    framers, done, out = [Framer() for _ in audios], [0] * 4, [[] for _ in audios]
+    while any(d < a.numel() for d, a in zip(done, audios, strict=True)):
+        windows = []
+        for i, (framer, audio) in enumerate(zip(framers, audios, strict=True)):
+            n = rng.choice([0, 1, 160, 399, 1000])
+            windows.append(framer.accept(audio[done[i] : done[i] + n]))
+            done[i] += n
+        feats = logmel.frames(torch.cat(windows)).split([w.shape[0] for w in windows])
+        for i, f in enumerate(feats):
+            out[i].append(f)
+    for audio, parts in zip(audios, out, strict=True):
+        assert torch.equal(torch.cat(parts), logmel(audio))
 
 
 def test_frames_are_causal(logmel: LogMel) -> None:
