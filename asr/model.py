@@ -8,7 +8,7 @@ gives the logits of one `forward` pass, within float tolerance.
 `chunk` also takes `slots`: then `state` is a pool of S streams and only its rows `slots` are read and
 written, so a server can step any subset of its streams without gathering or scattering their state.
 
-Where the SSM runs (`Impl`): the pure-PyTorch reference (CPU, and `fused=False`); on CUDA, the Triton
+Where the SSM runs (`Impl`): the pure-PyTorch reference (CPU, or asked for); on CUDA, the Triton
 chunked scan (`kernels/ssd_scan.py`, training and long chunks) or the fused Triton step
 (`kernels/step.py`, streaming chunks of up to 16 encoder frames, state read and written once a chunk).
 
@@ -30,6 +30,7 @@ from asr.ssm import causal_conv1d, gated_rms_norm, rms_norm, ssd_scan
 from asr.text import VOCAB
 from kernels import ssd_scan as triton_scan
 from kernels import step as triton_step
+from kernels.norm import add_rms_norm
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,9 @@ class Impl(enum.Enum):
     STEP = "step"  # Triton fused streaming step on the state pool, CUDA, at most triton_step.MAX_FRAMES frames
 
     @staticmethod
-    def pick(x: torch.Tensor, fused: bool = True) -> Impl:
-        """The fastest exact choice for input x (B, L, ...): TORCH on the CPU or when not `fused`."""
-        if not (fused and x.is_cuda):
+    def pick(x: torch.Tensor) -> Impl:
+        """The fastest exact choice for input x (B, L, ...): TORCH on the CPU."""
+        if not x.is_cuda:
             return Impl.TORCH
         return Impl.STEP if x.shape[1] <= triton_step.MAX_FRAMES else Impl.SCAN
 
@@ -229,8 +230,8 @@ class Mamba2Mixer(nn.Module):
         y = gated_rms_norm(y.reshape(b, l, d.d_inner), z, self.norm.weight, self.norm.eps)
         return self.out_proj(y.to(u.dtype))
 
-    def _step(self, u: torch.Tensor, pool: MambaLayerState, slots: torch.Tensor) -> torch.Tensor:
-        """u (B, L <= 16, d_model) -> (B, L, d_model) through the fused Triton step on pool rows `slots`."""
+    def step(self, u: torch.Tensor, pool: MambaLayerState, slots: torch.Tensor) -> torch.Tensor:
+        """u (B, L <= 16, d_model) -> (B, L, d_model) by the fused Triton step on pool rows `slots` (unchecked)."""
         d = self.dims
         y = triton_step.step(
             self.in_proj(u),
@@ -261,7 +262,7 @@ class Mamba2Mixer(nn.Module):
         impl = impl or Impl.pick(u)
         if impl is Impl.STEP:
             rows = slots if slots is not None else torch.arange(u.shape[0], device=u.device)
-            return self._step(u, state, rows), state
+            return self.step(u, state, rows), state
         if slots is None:
             return self._run(u, state, impl), state
         rows = MambaLayerState(state.conv[slots], state.ssm[slots])
@@ -364,15 +365,16 @@ class ASRModel(nn.Module):
         feats: torch.Tensor,
         state: EncoderState,
         slots: torch.Tensor | None = None,
-        fused: bool = True,
+        impl: Impl | None = None,
         check: bool = True,
     ) -> tuple[torch.Tensor, EncoderState]:
         """feats (B, 4 L, n_mels) raw log-mel -> logits (B, L, V); advances `state` in place.
 
         Without `slots`, `state` holds exactly these B streams. With `slots` (B,) int64, `state` is a pool
         (`init_state(S)`) and only its rows `slots` are read and written; they must be distinct, which `check`
-        verifies (a device sync; it is skipped while a CUDA graph is being captured). `fused=False` forces the
-        pure-PyTorch path (the reference) on CUDA too.
+        verifies (a device sync; it is skipped while a CUDA graph is being captured). `impl` defaults to
+        `Impl.pick`; `Impl.TORCH` is the pure-PyTorch reference on any device. Under `Impl.STEP` each residual
+        add is fused into the next RMSNorm (`kernels/norm.py`).
         """
         if feats.shape[1] % SUBSAMPLING:
             raise ValueError(f"chunk() needs a multiple of {SUBSAMPLING} feature frames, got {feats.shape[1]}")
@@ -381,12 +383,22 @@ class ASRModel(nn.Module):
         if slots is not None and check and not (feats.is_cuda and torch.cuda.is_current_stream_capturing()):
             triton_step.check_slots(slots, state.frontend.conv1.shape[0])
         x, _ = self.frontend.chunk(self._normalize(feats).to(self.head.weight.dtype), state.frontend, slots)
-        impl = Impl.pick(x, fused)
-        if impl is Impl.STEP and slots is None:
-            slots = torch.arange(x.shape[0], device=x.device)
+        impl = impl or Impl.pick(x)
+        if impl is Impl.STEP:
+            rows = slots if slots is not None else torch.arange(x.shape[0], device=x.device)
+            return self.head(self._step_layers(x.contiguous(), state, rows)), state
         for block, layer_state in zip(self.layers, state.layers, strict=True):
             x, _ = block.chunk(x, layer_state, slots, impl)
         return self.head(self.norm_f(x)), state
+
+    def _step_layers(self, x: torch.Tensor, state: EncoderState, slots: torch.Tensor) -> torch.Tensor:
+        """x (B, L, d_model) -> norm_f's output, through every block's fused step; each residual add is done
+        together with the next RMSNorm, in one kernel."""
+        norms = [block.norm for block in self.layers] + [self.norm_f]
+        _, h = add_rms_norm(x, None, norms[0].weight, norms[0].eps)
+        for block, layer_state, norm in zip(self.layers, state.layers, norms[1:], strict=True):
+            x, h = add_rms_norm(x, block.mixer.step(h, layer_state, slots), norm.weight, norm.eps)
+        return h
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from asr.features import N_MELS, SUBSAMPLING
-from asr.model import ASRModel, EncoderState
+from asr.model import ASRModel, EncoderState, Impl
 from kernels.step import MAX_FRAMES as MAX_GRAPH_FRAMES
 
 
@@ -28,7 +28,7 @@ class _Graph:
     """One captured step: replay after filling `feats` and `slots`; the result lands in `log_probs`."""
 
     graph: torch.cuda.CUDAGraph
-    feats: torch.Tensor  # (bucket, 4 frames, n_mels) float32, static input
+    feats: torch.Tensor  # (bucket, 4 * frames, n_mels) float32, static input
     slots: torch.Tensor  # (bucket,) int64, static input
     log_probs: torch.Tensor  # (bucket, frames, V) float32, static output
 
@@ -42,7 +42,8 @@ class EncoderStepper:
     """The state pool of up to `capacity` streams and the batched step over any subset of them.
 
     `graphs` (default: on CUDA) replays captured CUDA graphs; otherwise each call runs `model.chunk` eagerly.
-    `fused=False` uses the pure-PyTorch layers (the reference) instead of the Triton step kernel.
+    `fused=False` uses the pure-PyTorch layers (the reference) instead of the Triton step kernel. The model is
+    put in eval mode.
     """
 
     def __init__(
@@ -114,7 +115,8 @@ class EncoderStepper:
             raise ValueError(f"slots must be distinct and in [0, {self.capacity}), got {list(slots)}")
 
     def _eager(self, feats: torch.Tensor, rows: torch.Tensor, check: bool) -> torch.Tensor:
-        logits, _ = self.model.chunk(feats, self.pool, rows, fused=self.fused, check=check)
+        impl = None if self.fused else Impl.TORCH
+        logits, _ = self.model.chunk(feats, self.pool, rows, impl=impl, check=check)
         return logits.float().log_softmax(-1)
 
     def _replay(self, feats: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
