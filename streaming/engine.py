@@ -105,6 +105,8 @@ class Engine:
         self.device = device
         self.max_streams = max_streams
         self.stepper = EncoderStepper(model, max_streams, device)
+        sizes = [1 << i for i in range(max_streams.bit_length() + 1) if 1 << i < 2 * max_streams]
+        self.stepper.warmup(sizes, range(1, MAX_CHUNK_FRAMES + 1))  # CUDA graphs up front, not mid-stream
         self.free = list(range(max_streams - 1, -1, -1))
         self.logmel = LogMel().to(device)
         self.streams: dict[str, Stream] = {}  # event-loop side: streams holding a slot
@@ -171,6 +173,7 @@ class Engine:
     def _process(self, commands: list[Command], loop: asyncio.AbstractEventLoop) -> None:
         finals: dict[str, list[Segment]] = {}
         ends: list[Command] = []
+        drained: dict[str, tuple[Stream, int]] = {}
         for cmd in commands:
             s = cmd.stream
             if cmd.kind == "reset":
@@ -179,7 +182,7 @@ class Engine:
                 self._live[s.id] = s
             elif cmd.kind == "audio" and not s.closed:
                 self._accept(s, cmd.audio)
-                loop.call_soon_threadsafe(self._drained, s, len(cmd.audio))
+                drained[s.id] = (s, drained.get(s.id, (s, 0))[1] + len(cmd.audio))
             elif cmd.kind == "configure":
                 s.options = cmd.options
                 s.decoder.config = SegmenterConfig(pause_s=s.options.pause_s, max_segment_s=s.options.max_segment_s)
@@ -187,15 +190,21 @@ class Engine:
                 ends.append(cmd)
         self._extract([s for s in self._live.values() if s.windows])
         self._run_model(finals)
+        closing = list(
+            {cmd.stream.id: cmd.stream for cmd in ends if cmd.kind == "close" and not cmd.stream.closed}.values()
+        )
+        self._finish(closing, finals)
         for cmd in ends:
-            finals.setdefault(cmd.stream.id, []).extend(self._end(cmd.stream, close=cmd.kind == "close"))
-        closed = {cmd.stream.id for cmd in ends if cmd.kind == "close"}
+            finals.setdefault(cmd.stream.id, []).extend(cmd.stream.decoder.flush())
+        closed = {s.id for s in closing}
+        deliveries = [(self._drained, s, n) for s, n in drained.values()]
         touched = {cmd.stream.id: cmd.stream for cmd in commands if cmd.kind != "reset"}
         for sid, s in touched.items():
             partial = None if sid in closed else (s.decoder.partial() if s.always_reply else self._partial(s))
             done = finals.get(sid, [])
             if done or partial is not None or sid in closed or s.always_reply:
-                loop.call_soon_threadsafe(s.emit, s, done, partial, sid in closed)
+                deliveries.append((s.emit, s, done, partial, sid in closed))
+        loop.call_soon_threadsafe(_deliver, deliveries)  # one wake-up of the event loop per batch
 
     def _drained(self, stream: Stream, n: int) -> None:
         stream.backlog -= n
@@ -249,27 +258,36 @@ class Engine:
             self.on_step(elapsed, len(streams))
         return done
 
-    def _end(self, s: Stream, close: bool) -> list[Segment]:
-        """flush: end the current segment. close: also run the stream's last samples, padded as
-        `asr transcribe` pads them, so every sample is covered by a final."""
-        if close and not s.closed:
+    def _finish(self, streams: list[Stream], finals: dict[str, list[Segment]]) -> None:
+        """Close: run each stream's last samples, padded as `asr transcribe` pads them, so every sample is
+        covered by a final; the closing streams' last partial frames go in one batched step."""
+        for s in streams:
             s.windows.append(s.framer.accept(s.resampler.flush()))
-            self._extract([s])
-            done = []
-            if s.pending.shape[0]:
-                tail = self.model.pad_features(s.pending.unsqueeze(0))
+        self._extract([s for s in streams if s.windows])
+        self._run_model(finals)  # whole frames the flushed resampler completed
+        tails = [s for s in streams if s.pending.shape[0]]  # fewer than SUBSAMPLING frames each
+        if tails:
+            feats = torch.cat([self.model.pad_features(s.pending.unsqueeze(0)) for s in tails])
+            for s, done in zip(tails, self._step(tails, feats), strict=True):
+                finals.setdefault(s.id, []).extend(done)
                 s.pending = s.pending[:0]
-                done = self._step([s], tail)[0]
+        for s in streams:
             s.closed = True
-            return done + s.decoder.flush()
-        return s.decoder.flush()
 
     def _partial(self, s: Stream) -> Segment | None:
         """The segment in progress, if its text changed and the partial interval has passed."""
+        interval = round(s.options.partial_interval_s / ENCODER_FRAME_S)
+        if s.decoder.frame - s.last_partial_frame < interval:
+            return None
         seg = s.decoder.partial()
         text = seg.text if seg is not None else ""
-        interval = round(s.options.partial_interval_s / ENCODER_FRAME_S)
-        if text == s.last_partial or s.decoder.frame - s.last_partial_frame < interval:
+        if text == s.last_partial:
             return None
         s.last_partial, s.last_partial_frame = text, s.decoder.frame
         return seg
+
+
+def _deliver(calls: list[tuple]) -> None:
+    """On the event loop: run a batch's callbacks (fn, *args) in order."""
+    for fn, *args in calls:
+        fn(*args)
