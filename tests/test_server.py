@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,18 @@ def test_native_finals_equal_offline_transcript(server, tiny_model, speech_wav: 
     assert partials and all(p["type"] == "partial" for p in partials)
     texts = [p["text"] for p in partials]
     assert all(a != b for a, b in zip(texts, texts[1:], strict=False))  # only when the text changed
+
+
+def test_concurrent_streams_closing_together_equal_offline(server, tiny_model, speech_wav: Path) -> None:
+    """Three streams at once (the pool's capacity), with different chunkings, closing at about the same time:
+    their closing frames share batched steps, and each stream's finals still equal the offline transcript."""
+    samples, rate = _audio(speech_wav)
+    sizes = [(3000, 777, 4410), (160,) * 3 + (15000,), (9999,)]
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda z: _stream(server.url, samples, rate, z), sizes))
+    expected = _offline(tiny_model, speech_wav)
+    for finals, _, code in results:
+        assert code == P.CLOSE_NORMAL and _strip(finals) == expected
 
 
 def test_vosk_protocol(server) -> None:
