@@ -83,7 +83,8 @@ class Impl(enum.Enum):
 
     @staticmethod
     def pick(x: torch.Tensor) -> Impl:
-        """The fastest exact choice for input x (B, L, ...): TORCH on the CPU."""
+        """A layer's choice for input x (B, L, ...): TORCH on the CPU; on CUDA, STEP for a streaming chunk and
+        SCAN for longer input. (`ASRModel.chunk` always steps on CUDA, in pieces of at most MAX_FRAMES.)"""
         if not x.is_cuda:
             return Impl.TORCH
         return Impl.STEP if x.shape[1] <= triton_step.MAX_FRAMES else Impl.SCAN
@@ -373,8 +374,9 @@ class ASRModel(nn.Module):
         Without `slots`, `state` holds exactly these B streams. With `slots` (B,) int64, `state` is a pool
         (`init_state(S)`) and only its rows `slots` are read and written; they must be distinct, which `check`
         verifies (a device sync; it is skipped while a CUDA graph is being captured). `impl` defaults to
-        `Impl.pick`; `Impl.TORCH` is the pure-PyTorch reference on any device. Under `Impl.STEP` each residual
-        add is fused into the next RMSNorm (`kernels/norm.py`).
+        `Impl.STEP` on CUDA (in pieces of at most 16 encoder frames, so every streaming caller, the server and
+        `asr transcribe` alike, runs the same float32 kernels) and `Impl.TORCH`, the pure-PyTorch reference, on
+        the CPU. Under `Impl.STEP` each residual add is fused into the next RMSNorm (`kernels/norm.py`).
         """
         if feats.shape[1] % SUBSAMPLING:
             raise ValueError(f"chunk() needs a multiple of {SUBSAMPLING} feature frames, got {feats.shape[1]}")
@@ -383,10 +385,12 @@ class ASRModel(nn.Module):
         if slots is not None and check and not (feats.is_cuda and torch.cuda.is_current_stream_capturing()):
             triton_step.check_slots(slots, state.frontend.conv1.shape[0])
         x, _ = self.frontend.chunk(self._normalize(feats).to(self.head.weight.dtype), state.frontend, slots)
-        impl = impl or Impl.pick(x)
+        impl = impl or (Impl.STEP if x.is_cuda else Impl.TORCH)
         if impl is Impl.STEP:
             rows = slots if slots is not None else torch.arange(x.shape[0], device=x.device)
-            return self.head(self._step_layers(x.contiguous(), state, rows)), state
+            n = triton_step.MAX_FRAMES
+            parts = [self._step_layers(x[:, i : i + n].contiguous(), state, rows) for i in range(0, x.shape[1], n)]
+            return self.head(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]), state
         for block, layer_state in zip(self.layers, state.layers, strict=True):
             x, _ = block.chunk(x, layer_state, slots, impl)
         return self.head(self.norm_f(x)), state

@@ -95,8 +95,11 @@ class EncoderStepper:
             rows = torch.tensor(list(slots), dtype=torch.int64, device=self.device)
             return self._eager(feats, rows, check=False)
         step = SUBSAMPLING * MAX_GRAPH_FRAMES
-        parts = [self._replay(feats[:, i : i + step], slots) for i in range(0, feats.shape[1], step)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if feats.shape[1] <= step:
+            return self._replay(feats, slots)
+        # a replay's output is the graph's static buffer, which the next replay of that graph overwrites: copy
+        parts = [self._replay(feats[:, i : i + step], slots).clone() for i in range(0, feats.shape[1], step)]
+        return torch.cat(parts, dim=1)
 
     def warmup(self, batches: Sequence[int], frames: Sequence[int]) -> None:
         """Capture the graphs for these batch sizes and frame counts now rather than on first use."""
