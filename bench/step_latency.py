@@ -4,11 +4,11 @@ and the memory-bandwidth floor of every configuration.
 
 On one H200 (the whole run takes a few minutes):
 
-    PYTHONPATH=. python3 bench/step_latency.py --out $OUT
+    source scripts/device_env.sh && python3 bench/step_latency.py --out $OUT
     python bench/step_latency.py --quick --device cpu --out /tmp/steplat      # CPU smoke test, tiny model
 
-(`PYTHONPATH=.` makes `import asr` find this checkout rather than an installed copy; `scripts/device_env.sh`
-sets it too.)
+(`scripts/device_env.sh` puts this checkout and the carried wheels on PYTHONPATH; setting PYTHONPATH yourself
+there would drop the wheels.)
 
 The model is `ModelDimensions()`, the default size: 12 layers, d_model 256, d_state 64, head_dim 64, which is
 also the issue's "12 layers with d_model 256", so it runs once. Weights are random (`--seed`) and cast to

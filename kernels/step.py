@@ -46,7 +46,8 @@ __all__ = ["step", "step_ref", "check_slots", "MAX_FRAMES"]
 
 MAX_FRAMES = 16  # L is a constexpr (the frame loop is unrolled): at most this many frames per call
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_NUM_WARPS = 4  # scan kernel: a (P, N) = (64, 64) float32 state is 32 registers a thread
+_NUM_WARPS = 2  # scan kernel: a (64, 64) float32 state is 64 registers a thread; 2.3x faster than 4 at
+# batch 1024 x 4 frames on the H200 (bench/step_warps.py, BENCHMARKS.md)
 _NORM_WARPS = 8  # norm kernel: up to (16, d_inner) rows and the (conv_dim, K - 1) cache row in one program
 
 
