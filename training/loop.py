@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 from asr.audio import AudioError, load_audio
 from asr.augment import AugmentConfig, Augmenter
+from asr.checkpoint import load_model
 from asr.data import DataError, DataSource, SpeechDataset, Utterance, bucket_batches, collate, mix, read_source
 from asr.evaluate import evaluate
 from asr.features import CMVN, SAMPLE_RATE, CMVNAccumulator, LogMel, frame_lengths
-from asr.checkpoint import load_model
 from asr.model import ASRModel
 from asr.text import Tokenizer, ctc_min_frames
 from training.config import DataConfig, OptimConfig, SourceConfig, TrainConfig
@@ -111,9 +111,7 @@ def _read(src: SourceConfig) -> DataSource:
         utts = tuple(
             u
             for u in source.utterances
-            if u.speaker not in drop
-            and (not keep or u.speaker in keep)
-            and not (pattern and pattern.fullmatch(u.id))
+            if u.speaker not in drop and (not keep or u.speaker in keep) and not (pattern and pattern.fullmatch(u.id))
         )
         source = DataSource(source.name, utts, source.skipped)
     if not source.utterances:
@@ -341,7 +339,9 @@ class Trainer:
         """Start from a model directory's weights and CMVN (fine-tuning); its dims must be the config's."""
         source, config = load_model(model_dir)
         if config.dims != self.cfg.model:
-            raise DataError(f"--init-from {model_dir}: its dims {config.dims} differ from the config's {self.cfg.model}")
+            raise DataError(
+                f"--init-from {model_dir}: its dims {config.dims} differ from the config's {self.cfg.model}"
+            )
         self.model.load_state_dict(source.state_dict())
         self.model.set_cmvn(config.cmvn)
 
