@@ -90,11 +90,13 @@ def ssd_scan(
 
     Within a block of `chunk_size` steps the scan is a masked matrix product; the blocks are
     then linked by a short recurrence over their boundary states. Padding steps get dt = 0,
-    which leaves the state untouched, so the final state is exact for any length.
+    which leaves the state untouched, so the final state is exact for any length. Input shorter
+    than a block (a streaming chunk) is one block of its own length, with nothing wasted on padding.
     """
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
+    chunk_size = max(1, min(chunk_size, l))
     pad = (-l) % chunk_size
     x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
     if pad:
