@@ -123,6 +123,16 @@ class EncoderState:
         return self
 
 
+def _check_rows(slots: torch.Tensor | None, rows: int, batch: int, check: bool) -> None:
+    """Raise ValueError unless the state fits: `slots` distinct rows of its `rows` (checked when `check`, a device
+    sync, skipped during CUDA graph capture), or, without slots, exactly `batch` rows."""
+    if slots is None:
+        if rows != batch:
+            raise ValueError(f"the state holds {rows} streams but the input {batch}; pass slots to use a pool")
+    elif check and not (slots.is_cuda and torch.cuda.is_current_stream_capturing()):
+        triton_step.check_slots(slots, rows)
+
+
 def _halved(n: int) -> int:
     """Size after a kernel-3, stride-2 conv with one frame of padding on each side."""
     return (n - 1) // 2 + 1
@@ -256,10 +266,17 @@ class Mamba2Mixer(nn.Module):
         return self._run(u, None, Impl.SCAN if u.is_cuda else Impl.TORCH)
 
     def chunk(
-        self, u: torch.Tensor, state: MambaLayerState, slots: torch.Tensor | None = None, impl: Impl | None = None
+        self,
+        u: torch.Tensor,
+        state: MambaLayerState,
+        slots: torch.Tensor | None = None,
+        impl: Impl | None = None,
+        check: bool = True,
     ) -> tuple[torch.Tensor, MambaLayerState]:
-        """u (B, L, d_model) -> (B, L, d_model), advancing `state` in place. With `slots` (B,) int64, distinct,
-        `state` is a pool and only its rows `slots` are used. `impl` defaults to `Impl.pick(u)`."""
+        """u (B, L, d_model) -> (B, L, d_model), advancing `state` in place. With `slots` (B,) int64, distinct
+        (which `check` verifies, as `ASRModel.chunk` does), `state` is a pool and only its rows `slots` are used;
+        without, `state` must hold exactly B rows. `impl` defaults to `Impl.pick(u)`."""
+        _check_rows(slots, state.ssm.shape[0], u.shape[0], check)
         impl = impl or Impl.pick(u)
         if impl is Impl.STEP:
             rows = slots if slots is not None else torch.arange(u.shape[0], device=u.device)
@@ -285,9 +302,14 @@ class MambaBlock(nn.Module):
         return x + self.mixer(self.norm(x))
 
     def chunk(
-        self, x: torch.Tensor, state: MambaLayerState, slots: torch.Tensor | None = None, impl: Impl | None = None
+        self,
+        x: torch.Tensor,
+        state: MambaLayerState,
+        slots: torch.Tensor | None = None,
+        impl: Impl | None = None,
+        check: bool = True,
     ) -> tuple[torch.Tensor, MambaLayerState]:
-        y, state = self.mixer.chunk(self.norm(x), state, slots, impl)
+        y, state = self.mixer.chunk(self.norm(x), state, slots, impl, check)
         return x + y, state
 
 
@@ -382,8 +404,7 @@ class ASRModel(nn.Module):
             raise ValueError(f"chunk() needs a multiple of {SUBSAMPLING} feature frames, got {feats.shape[1]}")
         if feats.shape[1] == 0:
             return feats.new_zeros(feats.shape[0], 0, self.dims.vocab_size, dtype=self.head.weight.dtype), state
-        if slots is not None and check and not (feats.is_cuda and torch.cuda.is_current_stream_capturing()):
-            triton_step.check_slots(slots, state.frontend.conv1.shape[0])
+        _check_rows(slots, state.frontend.conv1.shape[0], feats.shape[0], check)
         x, _ = self.frontend.chunk(self._normalize(feats).to(self.head.weight.dtype), state.frontend, slots)
         impl = impl or (Impl.STEP if x.is_cuda else Impl.TORCH)
         if impl is Impl.STEP:
@@ -392,7 +413,7 @@ class ASRModel(nn.Module):
             parts = [self._step_layers(x[:, i : i + n].contiguous(), state, rows) for i in range(0, x.shape[1], n)]
             return self.head(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]), state
         for block, layer_state in zip(self.layers, state.layers, strict=True):
-            x, _ = block.chunk(x, layer_state, slots, impl)
+            x, _ = block.chunk(x, layer_state, slots, impl, check=False)  # checked above
         return self.head(self.norm_f(x)), state
 
     def _step_layers(self, x: torch.Tensor, state: EncoderState, slots: torch.Tensor) -> torch.Tensor:

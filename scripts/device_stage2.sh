@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stage 2 of the default model on the GPU machine (device tool), in calls that each fit its 10-minute limit:
 #   synth   carry .whl .tts .text .data/fsdd       make the synthetic corpus (60 planned hours + dev) on 16 cores
-#   train   carry .data/speechocean762-train       train (or resume) for up to 540 s; SIGTERM saves a checkpoint
+#   train   carry .data/speechocean762-train       train from models/default, or resume, for up to 540 s; SIGTERM
+#                                                   saves a checkpoint
 #   export  (no carry)                              the newest checkpoint as float16 into $OUT/model, plus curves
 set -euo pipefail
 source scripts/device_env.sh
@@ -12,10 +13,8 @@ case "${1:?usage: device_stage2.sh synth|train|export}" in
     time python3 -m asr synth --out data/synth --hours 0.6 --split dev --engines espeak,flite --jobs 16 --text $text
     ;;
   train)
-    resume=()
-    if compgen -G "runs/stage2/ckpt-*" >/dev/null; then resume=(--resume runs/stage2); fi
     timeout -s TERM "${2:-540}" python3 -m asr train --config configs/default-stage2.toml --init-from models/default \
-      "${resume[@]}" -q || true
+      --resume runs/stage2 -q || true
     tail -n 4 runs/stage2/metrics.csv
     ;;
   export)

@@ -56,6 +56,10 @@ def test_chunk_checks_slots(model: ASRModel) -> None:
     for bad, message in ((torch.tensor([1, 1]), "distinct"), (torch.tensor([0, 4]), "must index the pool")):
         with pytest.raises(ValueError, match=message):
             model.chunk(torch.randn(2, 8, N_MELS), pool, bad)
+        with pytest.raises(ValueError, match=message):
+            model.layers[0].chunk(torch.randn(2, 2, TINY.d_model), pool.layers[0], bad)
+    with pytest.raises(ValueError, match="holds 4 streams but the input 2"):
+        model.chunk(torch.randn(2, 8, N_MELS), pool)
 
 
 @torch.inference_mode()

@@ -209,6 +209,8 @@ def test_init_from_starts_from_a_model_dir(tmp_path: Path, tiny_corpus: Path, ti
     mine = trainer.model.state_dict()
     assert all(torch.equal(mine[k], v) for k, v in source.state_dict().items())
     assert torch.equal(trainer.model.cmvn.mean, config.cmvn.mean) and trainer.state.step == 0
+    resumed = Trainer(load_config(_config(tmp_path, tiny_corpus)), tmp_path / "empty", False, init_from=tiny_model_dir)
+    assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in source.state_dict().items())
     deeper = _config(tmp_path, tiny_corpus, "deeper")
     deeper.write_text(deeper.read_text().replace(f"n_layers = {TINY.n_layers}", f"n_layers = {TINY.n_layers + 1}"))
     with pytest.raises(DataError, match="differ from the config"):

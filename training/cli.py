@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="MODEL_DIR",
         help="start from this model directory's weights and CMVN (fine-tuning; a fresh optimizer and schedule); "
-        "ignored once --resume finds a checkpoint",
+        "used when --resume is absent or finds no checkpoint yet (so one command both starts and resumes a run)",
     )
     p.add_argument("--until-step", type=int, help="stop at this step with a checkpoint (the schedule is unchanged)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

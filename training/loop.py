@@ -321,17 +321,17 @@ class Trainer:
         self.window_audio, self.window_start, self.start = 0.0, time.perf_counter(), time.perf_counter()
 
     def _restore(self, resume: Path | None, init_from: Path | None) -> TrainerState:
-        """The newest checkpoint under `resume`; else a fresh start from `init_from`'s weights and CMVN, or
-        from random weights with CMVN from the data."""
-        if resume is None and init_from is not None:
+        """The newest checkpoint under `resume`; if there is none (or no `resume`), a fresh start from
+        `init_from`'s weights and CMVN, or from random weights with CMVN from the data."""
+        ckpt = latest_checkpoint(resume) if resume is not None else None
+        if resume is not None and ckpt is None and init_from is None:
+            raise DataError(f"--resume {resume}: no complete checkpoint there")
+        if ckpt is None and init_from is not None:
             self._init_weights(init_from)
             return TrainerState()
-        if resume is None:
+        if ckpt is None:
             self.model.set_cmvn(compute_cmvn(self.data, self.cfg, self.logmel, self.device, self.load))
             return TrainerState()
-        ckpt = latest_checkpoint(resume)
-        if ckpt is None:
-            raise DataError(f"--resume {resume}: no complete checkpoint there")
         self.last_ckpt = ckpt
         return load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.generator)
 
