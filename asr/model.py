@@ -79,15 +79,13 @@ class Impl(enum.Enum):
 
     TORCH = "torch"  # asr.ssm reference math, any device
     SCAN = "scan"  # Triton chunked scan, CUDA
-    STEP = "step"  # Triton fused streaming step on the state pool, CUDA, at most triton_step.MAX_FRAMES frames
+    STEP = "step"  # Triton fused streaming step on the state pool, CUDA, in pieces of triton_step.MAX_FRAMES
 
     @staticmethod
     def pick(x: torch.Tensor) -> Impl:
-        """A layer's choice for input x (B, L, ...): TORCH on the CPU; on CUDA, STEP for a streaming chunk and
-        SCAN for longer input. (`ASRModel.chunk` always steps on CUDA, in pieces of at most MAX_FRAMES.)"""
-        if not x.is_cuda:
-            return Impl.TORCH
-        return Impl.STEP if x.shape[1] <= triton_step.MAX_FRAMES else Impl.SCAN
+        """The streaming choice for input x: TORCH on the CPU, STEP on CUDA (every streaming caller, the server
+        and `asr transcribe` alike, then runs the same float32 kernels). `forward` uses SCAN on CUDA."""
+        return Impl.STEP if x.is_cuda else Impl.TORCH
 
 
 @dataclass
@@ -242,10 +240,16 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y.to(u.dtype))
 
     def step(self, u: torch.Tensor, pool: MambaLayerState, slots: torch.Tensor) -> torch.Tensor:
-        """u (B, L <= 16, d_model) -> (B, L, d_model) by the fused Triton step on pool rows `slots` (unchecked)."""
+        """u (B, L, d_model) -> (B, L, d_model) by the fused Triton step on pool rows `slots` (unchecked), in
+        pieces of at most triton_step.MAX_FRAMES frames (exact: streaming equals offline)."""
+        zxbcdt, n = self.in_proj(u), triton_step.MAX_FRAMES
+        y = torch.cat([self._step_piece(zxbcdt[:, i : i + n], pool, slots) for i in range(0, u.shape[1], n)], dim=1)
+        return self.out_proj(y)
+
+    def _step_piece(self, zxbcdt: torch.Tensor, pool: MambaLayerState, slots: torch.Tensor) -> torch.Tensor:
         d = self.dims
-        y = triton_step.step(
-            self.in_proj(u),
+        return triton_step.step(
+            zxbcdt.contiguous(),
             pool.conv,
             pool.ssm,
             slots,
@@ -258,9 +262,8 @@ class Mamba2Mixer(nn.Module):
             d.n_groups,
             d.head_dim,
             self.norm.eps,
-            check=False,  # ASRModel.chunk checked them once for all layers
+            check=False,  # checked once for all layers by the caller
         )
-        return self.out_proj(y)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self._run(u, None, Impl.SCAN if u.is_cuda else Impl.TORCH)
@@ -396,9 +399,8 @@ class ASRModel(nn.Module):
         Without `slots`, `state` holds exactly these B streams. With `slots` (B,) int64, `state` is a pool
         (`init_state(S)`) and only its rows `slots` are read and written; they must be distinct, which `check`
         verifies (a device sync; it is skipped while a CUDA graph is being captured). `impl` defaults to
-        `Impl.STEP` on CUDA (in pieces of at most 16 encoder frames, so every streaming caller, the server and
-        `asr transcribe` alike, runs the same float32 kernels) and `Impl.TORCH`, the pure-PyTorch reference, on
-        the CPU. Under `Impl.STEP` each residual add is fused into the next RMSNorm (`kernels/norm.py`).
+        `Impl.pick`; `Impl.TORCH` is the pure-PyTorch reference on any device. Under `Impl.STEP` each residual
+        add is fused into the next RMSNorm (`kernels/norm.py`).
         """
         if feats.shape[1] % SUBSAMPLING:
             raise ValueError(f"chunk() needs a multiple of {SUBSAMPLING} feature frames, got {feats.shape[1]}")
@@ -406,12 +408,10 @@ class ASRModel(nn.Module):
             return feats.new_zeros(feats.shape[0], 0, self.dims.vocab_size, dtype=self.head.weight.dtype), state
         _check_rows(slots, state.frontend.conv1.shape[0], feats.shape[0], check)
         x, _ = self.frontend.chunk(self._normalize(feats).to(self.head.weight.dtype), state.frontend, slots)
-        impl = impl or (Impl.STEP if x.is_cuda else Impl.TORCH)
+        impl = impl or Impl.pick(x)
         if impl is Impl.STEP:
             rows = slots if slots is not None else torch.arange(x.shape[0], device=x.device)
-            n = triton_step.MAX_FRAMES
-            parts = [self._step_layers(x[:, i : i + n].contiguous(), state, rows) for i in range(0, x.shape[1], n)]
-            return self.head(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]), state
+            return self.head(self._step_layers(x.contiguous(), state, rows)), state
         for block, layer_state in zip(self.layers, state.layers, strict=True):
             x, _ = block.chunk(x, layer_state, slots, impl, check=False)  # checked above
         return self.head(self.norm_f(x)), state

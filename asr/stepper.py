@@ -59,7 +59,7 @@ class EncoderStepper:
         self.model = model.eval()
         self.device = torch.device(device)
         self.capacity = capacity
-        self.fused = fused
+        self.impl = None if fused else Impl.TORCH  # None: the model's choice
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {self.device}")
@@ -101,13 +101,15 @@ class EncoderStepper:
         parts = [self._replay(feats[:, i : i + step], slots).clone() for i in range(0, feats.shape[1], step)]
         return torch.cat(parts, dim=1)
 
-    def warmup(self, batches: Sequence[int], frames: Sequence[int]) -> None:
-        """Capture the graphs for these batch sizes and frame counts now rather than on first use."""
+    def warmup(self, frames: Sequence[int], batches: Sequence[int] | None = None) -> None:
+        """Capture the graphs for these frame counts and batch sizes (default: every bucket up to the capacity)
+        now, rather than on first use (a capture stalls every stream for a moment)."""
         if self.graphs:
+            sizes = {bucket(b) for b in (batches if batches is not None else range(1, self.capacity + 1))}
             with torch.inference_mode():
-                for b in batches:
+                for size in sorted(sizes):
                     for f in frames:
-                        self._graph(bucket(b), f)
+                        self._graph(size, f)
 
     # ------------------------------------------------------------ internals
 
@@ -118,8 +120,7 @@ class EncoderStepper:
             raise ValueError(f"slots must be distinct and in [0, {self.capacity}), got {list(slots)}")
 
     def _eager(self, feats: torch.Tensor, rows: torch.Tensor, check: bool) -> torch.Tensor:
-        impl = None if self.fused else Impl.TORCH
-        logits, _ = self.model.chunk(feats, self.pool, rows, impl=impl, check=check)
+        logits, _ = self.model.chunk(feats, self.pool, rows, impl=self.impl, check=check)
         return logits.float().log_softmax(-1)
 
     def _replay(self, feats: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:

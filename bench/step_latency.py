@@ -275,7 +275,7 @@ def mamba_rows(
     if reason:
         return [Row(system, b, l, 0, skipped=reason) for b, l in inputs]
     stepper = make_stepper(model, system, max(args.batches), device)
-    stepper.warmup(args.batches, args.chunks)  # captures every graph now (a no-op without graphs)
+    stepper.warmup(args.chunks, args.batches)  # captures every graph now (a no-op without graphs)
     weights, row = param_bytes(model), row_bytes(stepper.pool)
     rows = []
     for (b, l), feats in inputs.items():

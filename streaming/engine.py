@@ -105,8 +105,7 @@ class Engine:
         self.device = device
         self.max_streams = max_streams
         self.stepper = EncoderStepper(model, max_streams, device)
-        sizes = [1 << i for i in range(max_streams.bit_length() + 1) if 1 << i < 2 * max_streams]
-        self.stepper.warmup(sizes, range(1, MAX_CHUNK_FRAMES + 1))  # CUDA graphs up front, not mid-stream
+        self.stepper.warmup(range(1, MAX_CHUNK_FRAMES + 1))  # CUDA graphs up front, not mid-stream
         self.free = list(range(max_streams - 1, -1, -1))
         self.logmel = LogMel().to(device)
         self.streams: dict[str, Stream] = {}  # event-loop side: streams holding a slot
@@ -218,10 +217,10 @@ class Engine:
 
     def _extract(self, streams: list[Stream]) -> None:
         """Log-mel of all these streams' new frames in one call on the device (bit-identical to per stream)."""
-        per_stream = [torch.cat(s.windows) if len(s.windows) > 1 else s.windows[0] for s in streams]
-        windows = torch.cat(per_stream) if per_stream else torch.zeros(0, WINDOW_SAMPLES)
+        windows = torch.cat([w for s in streams for w in s.windows]) if streams else torch.zeros(0, WINDOW_SAMPLES)
         feats = self.logmel.frames(windows.to(self.device, non_blocking=True))
-        for s, f in zip(streams, feats.split([w.shape[0] for w in per_stream]), strict=True):
+        counts = [sum(w.shape[0] for w in s.windows) for s in streams]
+        for s, f in zip(streams, feats.split(counts), strict=True):
             s.pending = torch.cat([s.pending, f]) if s.pending.shape[0] else f
             s.windows = []
 
