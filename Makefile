@@ -2,12 +2,17 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libportaudio2
+APT_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libportaudio2 \
+	cmake g++ libboost-program-options-dev libboost-system-dev libboost-thread-dev zlib1g-dev libbz2-dev liblzma-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup apt test demo lint bench clean
 
-setup: $(STAMP) apt
+setup: $(STAMP) apt $(VENV)/bin/lmplz
+
+# KenLM's lmplz and build_binary, for `asr lm` (built from source: they are not on PyPI).
+$(VENV)/bin/lmplz: | $(STAMP) apt
+	PATH=$(VENV)/bin:$$PATH bash scripts/build_kenlm.sh $(VENV)/bin
 
 # Re-installs only when pyproject.toml changes.
 $(STAMP): pyproject.toml

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from asr import DEFAULT_MODEL_DIR, __version__
 from asr.audio import AudioError
 from asr.checkpoint import ModelLoadError, load_model, save_model
 from asr.decoding import Segment, SegmenterConfig
+from asr.lm import DECODER_FILE, BeamConfig, BeamSearch, LMError, SegmentRescorer, find_lm
 from asr.model import ASRModel, ModelDimensions
 from asr.writers import FORMATS, format_timestamp, write_outputs
 
@@ -57,6 +59,37 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: auto)")
 
 
+def add_lm_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "language model",
+        "Finished segments are decoded again by a lexicon beam search with a word n-gram LM: by default the "
+        "model's bundled lm/ (see `asr lm`), greedy decoding if it has none. Partial results stay greedy.",
+    )
+    g.add_argument("--lm", type=Path, metavar="DIR", help="language model directory (default: MODEL/lm if present)")
+    g.add_argument("--no-lm", action="store_true", help="greedy decoding only")
+    g.add_argument("--beam-size", type=_positive_int, help="hypotheses kept per frame (default: from DIR/decoder.json)")
+    g.add_argument("--lm-weight", type=float, help="LM weight (default: from DIR/decoder.json)")
+    g.add_argument("--word-score", type=float, help="score added per word (default: from DIR/decoder.json)")
+
+
+def resolve_lm(args: argparse.Namespace, model_dir: Path) -> BeamSearch | None:
+    """The beam search the LM arguments ask for, or None for greedy decoding."""
+    if args.no_lm:
+        if args.lm is not None:
+            raise CLIError("--lm and --no-lm exclude each other")
+        return None
+    lm_dir = args.lm if args.lm is not None else find_lm(model_dir)
+    if lm_dir is None:
+        return None
+    try:
+        config = BeamConfig.from_json(lm_dir / DECODER_FILE) if (lm_dir / DECODER_FILE).is_file() else BeamConfig()
+        overrides = {"beam_size": args.beam_size, "lm_weight": args.lm_weight, "word_score": args.word_score}
+        config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+        return BeamSearch(lm_dir, config)
+    except (LMError, ValueError) as e:
+        raise CLIError(str(e)) from e
+
+
 def add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="ws://127.0.0.1:8765", help="server (default: ws://127.0.0.1:8765)")
     p.add_argument("--token", help="auth token")
@@ -84,6 +117,7 @@ def _add_transcribe(sub: argparse._SubParsersAction) -> None:
         "--max-segment", type=_positive_float, default=10.0, help="longest caption segment in seconds (default: 10)"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no segments on stdout")
+    add_lm_args(p)
     p.set_defaults(func=cmd_transcribe)
 
 
@@ -91,7 +125,9 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from asr.transcribe import transcribe_file
 
     device = resolve_device(args.device)
-    model, config = load_model(resolve_model_dir(args.model), device=device)
+    model_dir = resolve_model_dir(args.model)
+    model, config = load_model(model_dir, device=device)
+    search = resolve_lm(args, model_dir)
     formats = FORMATS if args.format == "all" else (args.format,)
     segmenter = SegmenterConfig(pause_s=args.pause, max_segment_s=args.max_segment)
 
@@ -111,6 +147,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
                 segmenter,
                 progress=not args.quiet,
                 on_segment=None if args.quiet else show,
+                rescorer=SegmentRescorer(search) if search else None,
             )
         except AudioError as e:
             print(f"asr: error: {e}", file=sys.stderr)
@@ -234,6 +271,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, metavar="OUT", help="write the summary as JSON")
     p.add_argument("--errors", type=Path, metavar="OUT", help="write per-utterance alignments, worst first")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_lm_args(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -242,7 +280,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from asr.evaluate import evaluate, write_errors
 
     device = resolve_device(args.device)
-    model, config = load_model(resolve_model_dir(args.model), device=device)
+    model_dir = resolve_model_dir(args.model)
+    model, config = load_model(model_dir, device=device)
+    search = resolve_lm(args, model_dir)
     try:
         source = read_source(args.data)
     except DataError as e:
@@ -257,13 +297,74 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tqdm.write(f"asr eval: unreadable, skipped: {message}", file=sys.stderr)
 
     summary, results = evaluate(
-        model, utts, args.mode, device, args.chunk_ms, config.vocab, progress=not args.quiet, on_error=report
+        model,
+        utts,
+        args.mode,
+        device,
+        args.chunk_ms,
+        config.vocab,
+        progress=not args.quiet,
+        on_error=report,
+        search=search,
     )
     if args.errors:
         write_errors(results, args.errors)
     if args.json:
         args.json.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     print(summary.report(str(args.data), skipped=len(source.skipped)))
+    return 0
+
+
+def _add_lm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lm",
+        help="build a word n-gram language model for beam search",
+        description="Build OUT (a model's lm/ directory: lm.bin, lexicon.txt, decoder.json) from text with KenLM's "
+        "lmplz and build_binary (scripts/build_kenlm.sh builds them; `make setup` does it). Lines are "
+        "normalized like training targets; `source<TAB>sentence` lines are read as the sentence. The lexicon "
+        "is every word of the text: the beam search writes no other word.",
+    )
+    p.add_argument("--text", type=Path, nargs="+", required=True, metavar="FILE", help="text files (.xz ok)")
+    p.add_argument("--out", type=Path, required=True, help="directory to write, e.g. models/default/lm")
+    p.add_argument("--order", type=_positive_int, default=4, help="n-gram order (default: 4)")
+    p.add_argument(
+        "--prune",
+        type=int,
+        nargs="+",
+        default=[0, 0, 1, 1],
+        metavar="N",
+        help="lmplz count thresholds per order, 0 keeps all (default: 0 0 1 1)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("all", "train"),
+        default="all",
+        help="train: only sentences of `asr synth`'s training split, so that no synthetic dev or test "
+        "sentence is in the LM (the bundled model's LM; default: all)",
+    )
+    p.add_argument("--kenlm-bin", type=Path, help="folder holding lmplz and build_binary (default: PATH)")
+    p.add_argument("--lm-weight", type=float, default=BeamConfig.lm_weight, help="written to decoder.json")
+    p.add_argument("--word-score", type=float, default=BeamConfig.word_score, help="written to decoder.json")
+    p.add_argument("--beam-size", type=_positive_int, default=BeamConfig.beam_size, help="written to decoder.json")
+    p.set_defaults(func=cmd_lm)
+
+
+def cmd_lm(args: argparse.Namespace) -> int:
+    from asr.lm import build_lm, lm_sentences
+    from asr.synth import sentence_split
+
+    keep = (lambda text: sentence_split(text) == "train") if args.split == "train" else None
+    config = BeamConfig(beam_size=args.beam_size, lm_weight=args.lm_weight, word_score=args.word_score)
+    try:
+        summary = build_lm(
+            lm_sentences(args.text, keep), args.out, args.order, tuple(args.prune), config, args.kenlm_bin
+        )
+    except LMError as e:
+        raise CLIError(str(e)) from e
+    print(
+        f"{args.out}: {summary.order}-gram LM from {summary.sentences} sentences ({summary.words} words), "
+        f"lexicon {summary.lexicon} words, lm.bin {summary.size_bytes / 1e6:.1f} MB"
+    )
     return 0
 
 
@@ -319,6 +420,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-origin", action="append", default=[], metavar="O", help="browser Origin to allow")
     p.add_argument("--idle-timeout", type=_positive_float, default=30.0, help="seconds without a message (30)")
     p.add_argument("--resume-ttl", type=_positive_float, default=30.0, help="seconds a dropped stream is kept (30)")
+    add_lm_args(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -330,7 +432,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CLIError("--tls-cert and --tls-key go together")
     device = resolve_device(args.device)
-    model, config = load_model(resolve_model_dir(args.model), device=device)
+    model_dir = resolve_model_dir(args.model)
+    model, config = load_model(model_dir, device=device)
+    search = resolve_lm(args, model_dir)
     server_config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -342,13 +446,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         idle_timeout_s=args.idle_timeout,
         resume_ttl_s=args.resume_ttl,
     )
-    info = {"dims": model.dims.to_dict(), "parameters": model.num_parameters(), "device": str(device)}
+    info = {
+        "dims": model.dims.to_dict(),
+        "parameters": model.num_parameters(),
+        "device": str(device),
+        "decoder": "greedy" if search is None else "lm",
+    }
     scheme = "wss" if args.tls_cert else "ws"
 
     def ready(server: ASRServer) -> None:
         print(f"listening on {scheme}://{args.host}:{server.port}/v1/stream (Vosk: /vosk)", flush=True)
 
-    asyncio.run(ASRServer(model, device, server_config, info).run_until_signal(ready))
+    asyncio.run(ASRServer(model, device, server_config, info, search).run_until_signal(ready))
     print("drained, bye", flush=True)
     return 0
 
@@ -418,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init_model(sub)
     _add_synth(sub)
     _add_eval(sub)
+    _add_lm(sub)
     _add_train(sub)
     _add_plot(sub)
     _add_serve(sub)

@@ -4,16 +4,23 @@
 same code: offline decoding is one `feed` of every frame followed by `flush`. A segment ends at
 a pause (a run of frames with no character longer than `pause_s`) or once it reaches
 `max_segment_s`, at a word boundary where there is one.
+
+With a `Rescorer` (the language model's `asr.lm.SegmentRescorer`), each finished segment is
+decoded again from its frames' log-probabilities before it is returned; partial results stay
+greedy.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from asr.features import ENCODER_FRAME_S
 from asr.text import BLANK_ID, SPACE_ID, VOCAB
+
+LOOKBACK_FRAMES = 8  # blank frames before a segment's first character that rescoring still sees
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,19 @@ class SegmenterConfig:
             raise ValueError(f"pause_s and max_segment_s must be positive, got {self}")
 
 
+class Rescorer(Protocol):
+    """Re-decodes a finished segment from the log-probabilities of its frames."""
+
+    def append(self, log_probs: torch.Tensor) -> None:
+        """log_probs (L, V): the next L frames, in stream order."""
+
+    def rescore(self, segment: Segment, start: int, end: int) -> Segment:
+        """The segment that frames [start, end) decode to; frames before `end` are no longer needed."""
+
+    def trim(self, start: int) -> None:
+        """Frames before `start` are no longer needed."""
+
+
 @dataclass
 class _WordInProgress:
     chars: list[str] = field(default_factory=list)
@@ -73,11 +93,14 @@ class GreedyCTCDecoder:
         vocab: tuple[str, ...] = VOCAB,
         config: SegmenterConfig | None = None,
         frame_s: float = ENCODER_FRAME_S,
+        rescorer: Rescorer | None = None,
     ) -> None:
         self.vocab = vocab
         self.config = config or SegmenterConfig()
         self.frame_s = frame_s
+        self.rescorer = rescorer
         self.frame = 0  # index of the next frame to be fed
+        self._segment_start = 0  # first frame of the segment in progress
         self.next_segment_id = 0
         self._prev_token = BLANK_ID
         self._words: list[Word] = []
@@ -87,20 +110,29 @@ class GreedyCTCDecoder:
     def feed(self, log_probs: torch.Tensor) -> list[Segment]:
         """log_probs (L, V) for the next L frames -> the segments these frames completed."""
         best_logp, best = log_probs.detach().float().max(dim=-1)
-        return self.feed_best(best_logp.exp().tolist(), best.tolist())
+        return self.feed_best(best_logp.exp().tolist(), best.tolist(), log_probs)
 
-    def feed_best(self, probs: list[float], tokens: list[int]) -> list[Segment]:
-        """`feed` from each frame's best token and its posterior (a server takes the argmax of a whole batch)."""
+    def feed_best(self, probs: list[float], tokens: list[int], log_probs: torch.Tensor | None = None) -> list[Segment]:
+        """`feed` from each frame's best token and its posterior (a server takes the argmax of a whole batch).
+
+        A decoder with a rescorer also needs the frames' log_probs (L, V).
+        """
+        if self.rescorer is not None:
+            if log_probs is None or log_probs.shape[0] != len(tokens):
+                raise ValueError("a decoder with a rescorer needs the log-probabilities of every frame it is fed")
+            self.rescorer.append(log_probs)
         done: list[Segment] = []
         for prob, token in zip(probs, tokens, strict=True):
             self._step(token, prob, done)
             self.frame += 1
+        if self.rescorer is not None:
+            self.rescorer.trim(self._segment_start)
         return done
 
     def flush(self) -> list[Segment]:
         """End of stream (or an explicit endpoint): complete whatever is in progress."""
         done: list[Segment] = []
-        self._end_segment(done)
+        self._end_segment(done, self.frame)
         self._prev_token = BLANK_ID
         return done
 
@@ -129,8 +161,10 @@ class GreedyCTCDecoder:
         if token not in (BLANK_ID, SPACE_ID):
             self._last_char_frame = t
             self._maybe_split_long(done)
-        elif self._has_content() and (t - self._last_char_frame) * self.frame_s >= self.config.pause_s:
-            self._end_segment(done)
+        elif not self._has_content():
+            self._segment_start = max(self._segment_start, t + 1 - LOOKBACK_FRAMES)
+        elif (t - self._last_char_frame) * self.frame_s >= self.config.pause_s:
+            self._end_segment(done, t + 1)
 
     def _has_content(self) -> bool:
         return bool(self._words) or self._word is not None
@@ -141,10 +175,10 @@ class GreedyCTCDecoder:
             return
         if self._words:  # cut before the word in progress; it opens the next segment
             word, self._word = self._word, None
-            self._end_segment(done)
+            self._end_segment(done, word.start)
             self._word = word
         else:  # one word as long as a whole segment: cut it
-            self._end_segment(done)
+            self._end_segment(done, self.frame + 1)
 
     def _finished_word(self, w: _WordInProgress) -> Word:
         return Word(
@@ -162,18 +196,26 @@ class GreedyCTCDecoder:
     def _segment(self, words: list[Word], seg_id: int) -> Segment:
         return Segment(seg_id, words[0].start, words[-1].end, " ".join(w.word for w in words), tuple(words))
 
-    def _end_segment(self, done: list[Segment]) -> None:
+    def _end_segment(self, done: list[Segment], cut: int) -> None:
+        """End the segment in progress at frame `cut` (exclusive); the next one starts there."""
         self._end_word()
         if self._words:
-            done.append(self._segment(self._words, self.next_segment_id))
+            segment = self._segment(self._words, self.next_segment_id)
+            if self.rescorer is not None:
+                segment = self.rescorer.rescore(segment, self._segment_start, cut)
+            done.append(segment)
             self.next_segment_id += 1
             self._words = []
+        self._segment_start = cut
 
 
 def decode(
-    log_probs: torch.Tensor, vocab: tuple[str, ...] = VOCAB, config: SegmenterConfig | None = None
+    log_probs: torch.Tensor,
+    vocab: tuple[str, ...] = VOCAB,
+    config: SegmenterConfig | None = None,
+    rescorer: Rescorer | None = None,
 ) -> Transcript:
-    """Offline greedy decoding of one utterance. log_probs (L, V)."""
-    decoder = GreedyCTCDecoder(vocab, config)
+    """Offline decoding of one utterance. log_probs (L, V)."""
+    decoder = GreedyCTCDecoder(vocab, config, rescorer=rescorer)
     segments = decoder.feed(log_probs) + decoder.flush()
     return Transcript(tuple(segments), duration=log_probs.shape[0] * decoder.frame_s)

@@ -20,6 +20,7 @@ from asr.audio import AudioError, load_audio
 from asr.data import Utterance
 from asr.decoding import decode
 from asr.features import SAMPLE_RATE
+from asr.lm import BeamSearch, SegmentRescorer
 from asr.model import ASRModel
 from asr.recognizer import StreamRecognizer, batch_log_probs
 from asr.text import VOCAB, normalize
@@ -94,8 +95,9 @@ class EvalSummary:
     utterances: int
     failed: int
     hours: float
-    rtfx: float  # seconds of audio per second of processing
+    rtfx: float  # seconds of audio per second of processing (model and decoding)
     mode: str
+    decoder: str = "greedy"  # or "lm" (lexicon beam search with the word LM)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -104,7 +106,7 @@ class EvalSummary:
         """The printed summary; its last line is `WER <x.xx>% on <n> utterances (<h.hh> h)`."""
         return "\n".join(
             [
-                f"data:        {data} ({self.mode})",
+                f"data:        {data} ({self.mode}, {self.decoder} decoding)",
                 f"WER:         {100 * self.wer:.2f}%  (S={self.substitutions} D={self.deletions} "
                 f"I={self.insertions} N={self.ref_words})",
                 f"CER:         {100 * self.cer:.2f}%",
@@ -144,8 +146,12 @@ def evaluate(
     batch_seconds: float = 200.0,
     progress: bool = False,
     on_error: Callable[[str], None] | None = None,
+    search: BeamSearch | None = None,
 ) -> tuple[EvalSummary, list[UtteranceResult]]:
-    """Decode every utterance and score it. An unreadable one is passed to `on_error` and skipped."""
+    """Decode every utterance and score it. An unreadable one is passed to `on_error` and skipped.
+
+    With `search`, each caption segment is decoded again with its language model.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     device = torch.device(device)
@@ -167,17 +173,20 @@ def evaluate(
             log_probs = batch_log_probs(model, [a for _, a in loaded], device) if loaded else []
         else:
             log_probs = [_streaming(model, a, device, chunk_ms) for _, a in loaded]
+        hyps = [decode(lp.cpu(), vocab, rescorer=SegmentRescorer(search) if search else None) for lp in log_probs]
         compute_s += time.perf_counter() - start
-        for (u, audio), lp in zip(loaded, log_probs, strict=True):
-            ref, hyp = normalize(u.text), normalize(decode(lp.cpu(), vocab).text)
+        for (u, audio), transcript in zip(loaded, hyps, strict=True):
+            ref, hyp = normalize(u.text), normalize(transcript.text)
             words, chars, alignment = score(ref, hyp)
             results.append(UtteranceResult(u.id, ref, hyp, audio.numel() / SAMPLE_RATE, words, chars, alignment))
         bar.update(len(group))
     bar.close()
-    return summarize(results, failed, compute_s, mode), results
+    return summarize(results, failed, compute_s, mode, "greedy" if search is None else "lm"), results
 
 
-def summarize(results: Sequence[UtteranceResult], failed: int, compute_s: float, mode: str) -> EvalSummary:
+def summarize(
+    results: Sequence[UtteranceResult], failed: int, compute_s: float, mode: str, decoder: str = "greedy"
+) -> EvalSummary:
     words = sum((r.words for r in results), ErrorCounts())
     chars = sum((r.chars for r in results), ErrorCounts())
     seconds = sum(r.duration for r in results)
@@ -193,6 +202,7 @@ def summarize(results: Sequence[UtteranceResult], failed: int, compute_s: float,
         hours=seconds / 3600,
         rtfx=seconds / compute_s if compute_s > 0 else 0.0,
         mode=mode,
+        decoder=decoder,
     )
 
 

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from asr.audio import audio_info, stream_audio
-from asr.decoding import GreedyCTCDecoder, Segment, SegmenterConfig, Transcript
+from asr.decoding import GreedyCTCDecoder, Rescorer, Segment, SegmenterConfig, Transcript
 from asr.features import SAMPLE_RATE
 from asr.model import ASRModel
 from asr.recognizer import StreamRecognizer
@@ -25,14 +25,16 @@ def transcribe_file(
     segmenter: SegmenterConfig | None = None,
     progress: bool = False,
     on_segment: Callable[[Segment], None] | None = None,
+    rescorer: Rescorer | None = None,
 ) -> Transcript:
     """Stream `path` through `model` in chunks of `chunk_ms` of audio. Raises AudioError.
 
-    `on_segment` is called with each caption segment as soon as it is final.
+    `on_segment` is called with each caption segment as soon as it is final. A `rescorer`
+    (`asr.lm.SegmentRescorer`) decodes each segment again with a language model.
     """
     info = audio_info(path)
     recognizer = StreamRecognizer(model, device)
-    decoder = GreedyCTCDecoder(vocab, segmenter)
+    decoder = GreedyCTCDecoder(vocab, segmenter, rescorer=rescorer)
     segments: list[Segment] = []
     with tqdm(
         total=round(info.duration, 2), unit="s", unit_scale=True, desc=info.path.name, disable=not progress, leave=False

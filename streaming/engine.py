@@ -4,7 +4,8 @@ The event loop only enqueues commands (audio, flush, close) on an `asyncio.Queue
 awaits that queue, takes everything waiting, and runs the compute in its own worker thread:
 resampling, features, then batched steps (`asr.stepper.EncoderStepper`: the fused Triton step
 under CUDA graphs on CUDA, PyTorch on the CPU) over every stream that has a whole encoder frame
-ready, addressing each stream's state by its slot in place, then greedy decoding. Messages for
+ready, addressing each stream's state by its slot in place, then greedy decoding; with a language
+model, each finished segment is decoded again by its beam search (`asr.lm`). Messages for
 clients go back to each stream's asyncio queue through `loop.call_soon_threadsafe`. Nothing polls.
 
 Each stream runs exactly the path of `asr transcribe` (same resampler, features, model state and
@@ -27,6 +28,7 @@ import torch
 from asr.audio import StreamingResampler
 from asr.decoding import GreedyCTCDecoder, Segment, SegmenterConfig
 from asr.features import ENCODER_FRAME_S, N_MELS, SUBSAMPLING, WINDOW_SAMPLES, Framer, LogMel
+from asr.lm import BeamSearch, SegmentRescorer
 from asr.model import ASRModel
 from asr.stepper import MAX_GRAPH_FRAMES, EncoderStepper
 from streaming.protocol import StreamOptions
@@ -61,13 +63,13 @@ class Stream:
     last_partial: str = ""
     last_partial_frame: int = -(10**9)
 
-    def reset(self, device: torch.device) -> None:
+    def reset(self, device: torch.device, search: BeamSearch | None) -> None:
         self.resampler = StreamingResampler(self.sample_rate)
         self.framer = Framer()
         self.windows = []
         self.pending = torch.zeros(0, N_MELS, device=device)
         seg = SegmenterConfig(pause_s=self.options.pause_s, max_segment_s=self.options.max_segment_s)
-        self.decoder = GreedyCTCDecoder(config=seg)
+        self.decoder = GreedyCTCDecoder(config=seg, rescorer=SegmentRescorer(search) if search else None)
         self.last_partial, self.last_partial_frame = "", -(10**9)
 
 
@@ -98,9 +100,12 @@ class Engine:
         device: torch.device,
         max_streams: int,
         on_step: Callable[[float, int], None] | None = None,
+        search: BeamSearch | None = None,
     ) -> None:
-        """`on_step(seconds, batch)` is called from the batcher thread after each model step."""
+        """`on_step(seconds, batch)` is called from the batcher thread after each model step. With
+        `search`, finals are decoded again with its language model."""
         self.model = model.eval()
+        self.search = search
         self.on_step = on_step
         self.device = device
         self.max_streams = max_streams
@@ -177,7 +182,7 @@ class Engine:
             s = cmd.stream
             if cmd.kind == "reset":
                 self.stepper.reset(s.slot)
-                s.reset(self.device)
+                s.reset(self.device, self.search)
                 self._live[s.id] = s
             elif cmd.kind == "audio" and not s.closed:
                 self._accept(s, cmd.audio)
@@ -244,10 +249,13 @@ class Engine:
         """One batched model step over the streams' slots, in place; feeds each stream's decoder the batch's
         argmax (one transfer from the device) and returns the segments each completed."""
         start = time.perf_counter()
-        best_logp, best = self.stepper(feats, [s.slot for s in streams]).max(dim=-1)
+        log_probs = self.stepper(feats, [s.slot for s in streams])
+        best_logp, best = log_probs.max(dim=-1)
         probs, tokens = torch.stack([best_logp.exp(), best.float()]).cpu()  # token ids < 2^24 are exact
+        rows = log_probs.float().cpu() if self.search is not None else [None] * len(streams)  # the LM's
         done = [
-            s.decoder.feed_best(p, t) for s, p, t in zip(streams, probs.tolist(), tokens.int().tolist(), strict=True)
+            s.decoder.feed_best(p, t, lp)
+            for s, p, t, lp in zip(streams, probs.tolist(), tokens.int().tolist(), rows, strict=True)
         ]
         elapsed = time.perf_counter() - start
         self.stats.steps += 1

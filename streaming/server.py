@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from asr.decoding import Segment
+from asr.lm import BeamSearch
 from asr.model import ASRModel
 from streaming import protocol as P
 from streaming.engine import CapacityError, Command, Engine, Stream
@@ -72,8 +73,12 @@ class Metrics:
 
 
 class ASRServer:
-    def __init__(self, model: ASRModel, device, config: ServerConfig, model_info: dict) -> None:
+    def __init__(
+        self, model: ASRModel, device, config: ServerConfig, model_info: dict, search: BeamSearch | None = None
+    ) -> None:
+        """With `search`, every final is decoded again with its language model (partials stay greedy)."""
         self.model, self.device, self.config, self.model_info = model, device, config, model_info
+        self.search = search
         self.metrics = Metrics()
         self.sessions: dict[str, Session] = {}  # by resume token
         self.handlers: set[asyncio.Task] = set()
@@ -84,7 +89,7 @@ class ASRServer:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> Server:
-        self.engine = Engine(self.model, self.device, self.config.max_streams, self._on_step)
+        self.engine = Engine(self.model, self.device, self.config.max_streams, self._on_step, self.search)
         self.engine.start()
         c = self.config
         tls = None

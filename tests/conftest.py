@@ -88,6 +88,16 @@ def sentences_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory, sentences_file: Path) -> Path:
+    """A 3-gram KenLM model of `sentences_file` (built with the lmplz that `make setup` builds)."""
+    from asr.lm import build_lm, lm_sentences
+
+    out = tmp_path_factory.mktemp("lm") / "lm"
+    build_lm(lm_sentences([sentences_file]), out, order=3, prune=(0,))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory, sentences_file: Path) -> Path:
     """A few espeak-ng utterances in the LibriSpeech layout, with a train.jsonl manifest."""
     from asr.synth import build_corpus

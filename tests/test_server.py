@@ -24,6 +24,7 @@ import torch
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from asr.lm import BeamConfig, BeamSearch, SegmentRescorer
 from asr.model import ASRModel
 from asr.transcribe import transcribe_file
 from streaming import protocol as P
@@ -35,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 class RunningServer:
     """An ASRServer on its own event loop in a background thread."""
 
-    def __init__(self, model: ASRModel, config: ServerConfig) -> None:
-        self.server = ASRServer(model, torch.device("cpu"), config, {"name": "tiny"})
+    def __init__(self, model: ASRModel, config: ServerConfig, search: BeamSearch | None = None) -> None:
+        self.server = ASRServer(model, torch.device("cpu"), config, {"name": "tiny"}, search)
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
 
@@ -101,8 +102,8 @@ def _stream(url: str, samples: np.ndarray, rate: int, sizes=(3000, 777, 4410), c
         return finals, partials, ws.protocol.close_code
 
 
-def _offline(model: ASRModel, path: Path) -> list[dict]:
-    transcript = transcribe_file(path, model)
+def _offline(model: ASRModel, path: Path, search: BeamSearch | None = None) -> list[dict]:
+    transcript = transcribe_file(path, model, rescorer=SegmentRescorer(search) if search else None)
     return [{"segment": s.id, "text": s.text, "start": s.start, "end": s.end} for s in transcript.segments]
 
 
@@ -132,6 +133,22 @@ def test_concurrent_streams_closing_together_equal_offline(server, tiny_model, s
     expected = _offline(tiny_model, speech_wav)
     for finals, _, code in results:
         assert code == P.CLOSE_NORMAL and _strip(finals) == expected
+
+
+def test_finals_with_a_language_model_equal_offline(tiny_model, tiny_lm_dir: Path, speech_wav: Path) -> None:
+    """With an LM every final is decoded again by its beam search, exactly as `asr transcribe --lm` does."""
+    search = BeamSearch(tiny_lm_dir, BeamConfig(lm_weight=3.0))
+    running = RunningServer(tiny_model, ServerConfig(port=0, max_streams=2), search)
+    try:
+        samples, rate = _audio(speech_wav)
+        finals, partials, code = _stream(running.url, samples, rate)
+    finally:
+        running.stop()
+    expected = _offline(tiny_model, speech_wav, search)
+    assert code == P.CLOSE_NORMAL and finals and _strip(finals) == expected
+    assert expected != _offline(tiny_model, speech_wav)  # the LM changed the words
+    lexicon = {line.split()[0] for line in (tiny_lm_dir / "lexicon.txt").read_text().splitlines()}
+    assert {w["word"] for f in finals for w in f["words"]} <= lexicon
 
 
 def test_vosk_protocol(server) -> None:
