@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# DDP speedup on the 2-GPU machine (device tool, kind nvidia-h200-x2; carry .whl .tts .text):
+# the same training recipe (configs/default-stage3.toml, synthetic data only) run with
+# torchrun on 1 GPU, then on 2, for STEPS steps each from models/default's weights. Each run's
+# metrics.csv (audio seconds per second, counted over all ranks) goes to $OUT.
+#   bash scripts/device_ddp.sh [STEPS]
+set -euo pipefail
+source scripts/device_env.sh
+steps=${1:-150}
+text=.text/sentences.norm.txt.xz
+jobs=$(nproc)
+python3 -m asr synth --out data/synth --hours 4 --split train --engines espeak,flite --jobs "$jobs" --text $text
+python3 -m asr synth --out data/synth --hours 0.1 --split dev --engines espeak,flite --jobs "$jobs" --text $text
+for n in 1 2; do
+  config=/tmp/ddp$n.toml
+  python3 - "$config" "runs/ddp$n" <<'PY'
+import re, sys
+from pathlib import Path
+text = Path("configs/default-stage3.toml").read_text()
+train = '[{ path = "data/synth/train.jsonl", weight = 1.0 }]'
+dev = '[{ path = "data/synth/dev.jsonl" }]'
+text = re.sub(r"(?ms)^train = \[.*?^\]\n", f"train = {train}\n", text)
+text = re.sub(r"(?ms)^dev = \[.*?^\]\n", f"dev = {dev}\n", text)
+text = re.sub(r'(?m)^out_dir = .*$', f'out_dir = "{sys.argv[2]}"', text)
+text = re.sub(r"(?m)^eval_every = .*$", "eval_every = 100000", text)
+Path(sys.argv[1]).write_text(text)
+PY
+  time torchrun --standalone --nproc-per-node "$n" -m training --config "$config" --init-from models/default \
+    --until-step "$steps" -q
+  cp "runs/ddp$n/metrics.csv" "$OUT/metrics_${n}gpu.csv"
+  python3 - "runs/ddp$n/metrics.csv" "$n" <<'PY'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1])))[2:]  # skip the first windows (compile, cache warm-up)
+rates = [float(r["audio_s_per_s"]) for r in rows]
+print(f"{sys.argv[2]} GPU(s): median {statistics.median(rates):.0f} audio-s/s over {len(rates)} windows")
+PY
+done
