@@ -44,6 +44,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from asr import DEFAULT_MODEL_DIR
 from asr.checkpoint import load_model
+from asr.lm import BeamSearch, SegmentRescorer, find_lm
 from asr.transcribe import transcribe_file
 from streaming import protocol as P
 
@@ -129,15 +130,20 @@ def make_clips(folder: Path) -> list[Path]:
     return clips
 
 
-def offline_transcripts(paths: list[Path], model_dir: Path, device: str) -> list[str]:
+def offline_transcripts(paths: list[Path], model_dir: Path, device: str, lm: bool) -> list[str]:
     model, _ = load_model(model_dir, device=device)  # the reference runs on the server's device
-    return [transcribe_file(p, model, device=device).text for p in paths]
+    lm_dir = find_lm(model_dir) if lm else None
+    search = BeamSearch(lm_dir) if lm_dir else None
+    return [
+        transcribe_file(p, model, device=device, rescorer=SegmentRescorer(search) if search else None).text
+        for p in paths
+    ]
 
 
-def reference_transcripts(paths: list[Path], model_dir: Path, device: str) -> list[str]:
+def reference_transcripts(paths: list[Path], model_dir: Path, device: str, lm: bool) -> list[str]:
     """`asr transcribe` of each clip, in a child process: this one never holds GPU memory (nvidia-smi sees it)."""
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(offline_transcripts, paths, model_dir, device).result()
+        return pool.submit(offline_transcripts, paths, model_dir, device, lm).result()
 
 
 # ---------------------------------------------------------------- client processes
@@ -239,8 +245,9 @@ class ClientPool:
 # ---------------------------------------------------------------- server and GPU
 
 
-def start_server(model: Path, device: str, slots: int) -> Server:
+def start_server(model: Path, device: str, slots: int, lm: bool) -> Server:
     serve = ["serve", "--model", str(model), "--port", "0", "--device", device, "--max-streams", str(slots)]
+    serve += [] if lm else ["--no-lm"]
     stderr = tempfile.TemporaryFile()  # a file, not a pipe: nobody reads it while the server runs
     proc = subprocess.Popen([sys.executable, "-m", "asr", *serve], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr)
     line = proc.stdout.readline().decode()
@@ -443,6 +450,7 @@ def parse_args() -> argparse.Namespace:
         default=0.0,
         help="then rounds of the last N back to back for this long (default: 0: no soak)",
     )
+    p.add_argument("--no-lm", action="store_true", help="greedy finals (default: the model's LM, if it has one)")
     args = p.parse_args()
     args.max_streams = args.max_streams or max(args.streams)
     if args.max_streams < max(args.streams):
@@ -455,9 +463,9 @@ def main() -> None:
     gpu = gpu_to_watch(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_clips(Path(tmp))
-        expected = reference_transcripts(paths, args.model, args.device)
+        expected = reference_transcripts(paths, args.model, args.device, not args.no_lm)
         clips = [sf.read(c, dtype="float32")[0] for c in paths]
-    server = start_server(args.model, args.device, args.max_streams)
+    server = start_server(args.model, args.device, args.max_streams, not args.no_lm)
     rows = []
     try:
         with ClientPool(args.client_procs, server.url, clips, args.chunk_ms) as pool:

@@ -1,9 +1,10 @@
 """Real-time factor and peak RSS of `asr transcribe` on the CPU, for 1 and 60 minutes of audio.
 
-Uses the default model architecture with random weights (speed does not depend on training).
-Each measurement is a fresh `asr transcribe` process; its peak RSS comes from wait4().
+Uses the default model architecture with random weights (the model's speed does not depend on
+training), or `--model DIR`, decoded as `asr transcribe` decodes it (with its word LM, if it has
+one). Each measurement is a fresh `asr transcribe` process; its peak RSS comes from wait4().
 
-    python bench/transcribe_cpu.py [--minutes 1 60] [--chunk-ms 1000] [--threads 2]
+    python bench/transcribe_cpu.py [--minutes 1 60] [--chunk-ms 1000] [--threads 2] [--model DIR]
 """
 
 from __future__ import annotations
@@ -73,25 +74,29 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, nargs="+", default=[1, 60])
     parser.add_argument("--chunk-ms", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", type=Path, help="a model directory (default: random weights, no LM)")
     args = parser.parse_args()
     if shutil.which("espeak-ng") is None:
         raise SystemExit("espeak-ng is missing: run `make setup`")
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        subprocess.run([sys.executable, "-m", "asr", "init-model", str(tmp / "model")], check=True)
+        model = args.model
+        if model is None:
+            model = tmp / "model"
+            subprocess.run([sys.executable, "-m", "asr", "init-model", str(model)], check=True)
         clip = speech_clip()
         rows = []
         for minutes in args.minutes:
             audio = tmp / f"audio_{minutes:g}min.flac"
             write_long_file(audio, minutes, clip)
-            wall, rss = run_transcribe(audio, tmp / "model", tmp / "out", args.chunk_ms, args.threads)
+            wall, rss = run_transcribe(audio, model, tmp / "out", args.chunk_ms, args.threads)
             rows.append((minutes, wall, wall / (minutes * 60), rss))
             print(f"{minutes:g} min: {wall:.1f} s, RTF {wall / (minutes * 60):.4f}, peak RSS {rss:.0f} MiB", flush=True)
 
     print(
         f"\n{date.today()} · {platform.processor() or platform.machine()} · {os.cpu_count()} cores · "
-        f"threads={args.threads} · chunk-ms={args.chunk_ms} · default dims, random weights\n"
+        f"threads={args.threads} · chunk-ms={args.chunk_ms} · {args.model or 'default dims, random weights'}\n"
     )
     print("| audio | wall time | RTF | RTFx | peak RSS |\n|---|---|---|---|---|")
     for minutes, wall, rtf, rss in rows:
