@@ -25,6 +25,8 @@ from asr.model import ASRModel
 from streaming import protocol as P
 from streaming.engine import CapacityError, Command, Engine, Stream
 
+HANDSHAKE_TIMEOUT_S = 10.0  # websockets' open_timeout: a handshake not done by then has failed
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -85,6 +87,7 @@ class ASRServer:
         self.engine: Engine | None = None
         self.server: Server | None = None
         self.draining = False
+        self._reserved: dict[ServerConnection, float] = {}  # handshakes holding a slot -> since (monotonic)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -101,6 +104,8 @@ class ASRServer:
             c.host,
             c.port,
             process_request=self._process_request,
+            process_response=self._process_response,
+            open_timeout=HANDSHAKE_TIMEOUT_S,
             max_size=c.max_message_bytes,
             ssl=tls,
         )
@@ -166,9 +171,26 @@ class ASRServer:
                 return self._refuse(connection, HTTPStatus.BAD_REQUEST, "bad_params", e.message)
             if params.resume_token is not None:
                 return None  # a resume takes no new slot
-        if not self.engine.free:
+        if not self._reserve(connection):
             return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "capacity", "all stream slots are busy")
         return None
+
+    def _reserve(self, connection: ServerConnection) -> bool:
+        """Hold a slot for an accepted handshake until its handler opens the stream, so that concurrent
+        handshakes past capacity get HTTP 503, not an accepted connection closed at once. A handshake
+        that fails later lets its slot go in `_process_response`, or once it is older than the
+        handshake timeout."""
+        now = time.monotonic()
+        for stale in [c for c, since in self._reserved.items() if now - since > HANDSHAKE_TIMEOUT_S]:
+            del self._reserved[stale]
+        if len(self.engine.free) <= len(self._reserved):
+            return False
+        self._reserved[connection] = now
+        return True
+
+    def _process_response(self, connection: ServerConnection, request: Request, response: Response) -> None:
+        if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
+            self._reserved.pop(connection, None)
 
     def _authorized(self, request: Request) -> bool:
         header = request.headers.get("Authorization", "")
@@ -192,6 +214,7 @@ class ASRServer:
     # ------------------------------------------------------------ WebSocket side
 
     async def _handle(self, connection: ServerConnection) -> None:
+        self._reserved.pop(connection, None)  # the stream opens now, in this same loop iteration
         task = asyncio.current_task()
         self.handlers.add(task)
         try:

@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.http11 import Request, Response
 from websockets.sync.client import connect
 
 from asr.lm import BeamConfig, BeamSearch, SegmentRescorer
@@ -213,6 +215,49 @@ def test_bad_input_while_another_stream_runs(server, tiny_model, speech_wav: Pat
     good.join(120)
     finals, _, code = result["out"]
     assert code == P.CLOSE_NORMAL and _strip(finals) == _offline(tiny_model, speech_wav)
+
+
+def test_concurrent_handshakes_past_capacity_get_503(server) -> None:
+    """Nine handshakes at once for three slots: three streams open, six get HTTP 503 (none is accepted
+    and then closed), and a failed handshake gives its slot back."""
+    native = f"{server.url}{P.STREAM_PATH}?sample_rate=16000"
+    barrier = threading.Barrier(9)
+
+    def attempt(held: contextlib.ExitStack) -> int:
+        barrier.wait()
+        try:
+            ws = held.enter_context(connect(native))
+        except InvalidStatus as e:
+            return e.response.status_code
+        return json.loads(ws.recv())["type"] == "ready" and 101
+
+    with contextlib.ExitStack() as held, ThreadPoolExecutor(9) as pool:
+        outcomes = sorted(pool.map(lambda _: attempt(held), range(9)))
+        assert outcomes == [101] * 3 + [503] * 6
+    with pytest.raises(InvalidStatus) as refused:  # a plain GET, not a WebSocket upgrade: 426, slot kept free
+        connect(native, additional_headers={"Upgrade": "nonsense"})
+    assert refused.value.response.status_code != 101
+    assert server.call(lambda: len(server.server._reserved)) == 0
+
+
+class _Handshake:
+    """A connection between its accepted handshake and its handler (websockets' own type is not needed)."""
+
+    def respond(self, status: int, text: str) -> Response:
+        return Response(status, "", Headers(), text.encode())
+
+
+def test_accepted_handshakes_hold_their_slots(server) -> None:
+    """Handshakes whose handlers have not run yet hold the slots: the next one past capacity is answered 503
+    at once, instead of being accepted and then closed when its handler finds no slot."""
+    request = Request(f"{P.STREAM_PATH}?sample_rate=16000", Headers())
+    pending = [_Handshake() for _ in range(4)]
+    answers = server.call(lambda: [server.server._process_request(c, request) for c in pending])
+    assert answers[:3] == [None] * 3 and answers[3].status_code == 503
+    accepted = Response(101, "Switching Protocols", Headers())
+    server.call(lambda: [server.server._process_response(c, request, accepted) for c in pending[:2]])
+    server.call(lambda: server.server._process_response(pending[2], request, answers[3]))  # a failed handshake
+    assert server.call(lambda: server.server._process_request(_Handshake(), request)) is None
 
 
 def test_capacity_disconnect_and_resume(server, tiny_model, speech_wav: Path) -> None:
