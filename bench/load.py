@@ -402,15 +402,24 @@ def growth(what: str, warm: float, end: float) -> str:
 
 
 def soak(pool: ClientPool, streams: int, minutes: float, pid: int, gpu: str | None) -> None:
-    """Rounds of `streams` streams back to back for `minutes`. RSS and GPU memory after the first round vs the end."""
-    end = time.monotonic() + minutes * 60
+    """Rounds of `streams` streams back to back for `minutes`. RSS and GPU memory after the first round vs the end,
+    and RSS at the half-way round vs the end (a leak keeps growing; an allocator warming up levels off)."""
+    start = time.monotonic()
+    end = start + minutes * 60
     pool.run(streams, time.monotonic() + START_DELAY_S)
-    rounds = 1
     warm_rss, warm_gpu = proc_sample(pid)[1], gpu_query(gpu).mem_mib if gpu else None
+    series = [(time.monotonic() - start, warm_rss)]  # (seconds, RSS MiB) after each round
     while time.monotonic() < end:
         pool.run(streams, time.monotonic() + START_DELAY_S)
-        rounds += 1
-    end_rss, end_gpu = proc_sample(pid)[1], gpu_query(gpu).mem_mib if gpu else None
+        series.append((time.monotonic() - start, proc_sample(pid)[1]))
+    rounds = len(series)
+    end_rss, end_gpu = series[-1][1], gpu_query(gpu).mem_mib if gpu else None
+    step = max(1, rounds // 12)
+    print("soak RSS (s: MiB): " + ", ".join(f"{t:.0f}: {m:.0f}" for t, m in series[::step]), flush=True)
+    half_t, half_rss = series[rounds // 2]
+    print(
+        f"soak: RSS at {half_t:.0f} s {half_rss:.0f} MiB, at the end {end_rss:.0f} MiB ({end_rss / half_rss - 1:+.1%})"
+    )
     gpu_text = growth("GPU memory (nvidia-smi)", warm_gpu, end_gpu) if gpu else "GPU memory n/a"
     print(
         f"soak: {minutes:g} min, {streams} streams, {rounds} rounds; {growth('RSS', warm_rss, end_rss)}; {gpu_text} "

@@ -2,14 +2,17 @@
 # DDP speedup on the 2-GPU machine (device tool, kind nvidia-h200-x2; carry .whl .tts .text):
 # the same training recipe (configs/default-stage3.toml, synthetic data only) run with
 # torchrun on 1 GPU, then on 2, for STEPS steps each from models/default's weights. Each run's
-# metrics.csv (audio seconds per second, counted over all ranks) goes to $OUT.
-#   bash scripts/device_ddp.sh [STEPS]
+# metrics.csv (audio seconds per second, counted over all ranks) goes to $OUT. The corpus must
+# hold many batches per rank: each epoch start restarts the loader workers, and with a few hours
+# of audio those restarts, not the GPUs, set the pace (3 h gave 2,539 vs 2,708 audio-s/s).
+#   bash scripts/device_ddp.sh [STEPS] [HOURS]
 set -euo pipefail
 source scripts/device_env.sh
-steps=${1:-150}
+steps=${1:-300}
+hours=${2:-20}
 text=.text/sentences.norm.txt.xz
 jobs=$(nproc)
-python3 -m asr synth --out data/synth --hours 4 --split train --engines espeak,flite --jobs "$jobs" --text $text
+python3 -m asr synth --out data/synth --hours "$hours" --split train --engines espeak,flite --jobs "$jobs" --text $text
 python3 -m asr synth --out data/synth --hours 0.1 --split dev --engines espeak,flite --jobs "$jobs" --text $text
 for n in 1 2; do
   config=/tmp/ddp$n.toml
@@ -31,7 +34,8 @@ PY
   python3 - "runs/ddp$n/metrics.csv" "$n" <<'PY'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1])))[2:]  # skip the first windows (compile, cache warm-up)
+epochs = rows[-1]["epoch"]
 rates = [float(r["audio_s_per_s"]) for r in rows]
-print(f"{sys.argv[2]} GPU(s): median {statistics.median(rates):.0f} audio-s/s over {len(rates)} windows")
+print(f"{sys.argv[2]} GPU(s): median {statistics.median(rates):.0f} audio-s/s over {len(rates)} windows; epoch {epochs}")
 PY
 done
