@@ -420,31 +420,38 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-origin", action="append", default=[], metavar="O", help="browser Origin to allow")
     p.add_argument("--idle-timeout", type=_positive_float, default=30.0, help="seconds without a message (30)")
     p.add_argument("--resume-ttl", type=_positive_float, default=30.0, help="seconds a dropped stream is kept (30)")
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="server processes sharing the port and the device, each with 1/N of the slots: one Python "
+        "process feeds a GPU at most a few hundred streams (default 1)",
+    )
     add_lm_args(p)
     p.set_defaults(func=cmd_serve)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import asyncio
-
+def build_server(args: argparse.Namespace, plan=None):
+    """The `ASRServer` that `asr serve` runs, or worker `plan.index` of `--workers` (streaming.workers)."""
     from streaming.server import ASRServer, ServerConfig
 
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise CLIError("--tls-cert and --tls-key go together")
     device = resolve_device(args.device)
     model_dir = resolve_model_dir(args.model)
-    model, config = load_model(model_dir, device=device)
+    model, _ = load_model(model_dir, device=device)
     search = resolve_lm(args, model_dir)
     server_config = ServerConfig(
         host=args.host,
-        port=args.port,
-        max_streams=args.max_streams,
+        port=args.port if plan is None else plan.port,
+        max_streams=args.max_streams if plan is None else plan.max_streams,
         token=args.token,
         allowed_origins=tuple(args.allowed_origin),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         idle_timeout_s=args.idle_timeout,
         resume_ttl_s=args.resume_ttl,
+        worker=0 if plan is None else plan.index,
+        workers=1 if plan is None else plan.count,
+        relay_dir=None if plan is None else plan.relay_dir,
     )
     info = {
         "dims": model.dims.to_dict(),
@@ -452,14 +459,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "device": str(device),
         "decoder": "greedy" if search is None else "lm",
     }
+    return ASRServer(model, device, server_config, info, search)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CLIError("--tls-cert and --tls-key go together")
+    if args.workers > args.max_streams:
+        raise CLIError(f"--workers {args.workers} is more than --max-streams {args.max_streams}")
     scheme = "wss" if args.tls_cert else "ws"
 
-    def ready(server: ASRServer) -> None:
-        print(f"listening on {scheme}://{args.host}:{server.port}/v1/stream (Vosk: /vosk)", flush=True)
+    def ready(port: int) -> None:
+        workers = f", {args.workers} workers" if args.workers > 1 else ""
+        print(f"listening on {scheme}://{args.host}:{port}/v1/stream (Vosk: /vosk{workers})", flush=True)
 
-    asyncio.run(ASRServer(model, device, server_config, info, search).run_until_signal(ready))
-    print("drained, bye", flush=True)
-    return 0
+    if args.workers == 1:
+        server = build_server(args)
+        asyncio.run(server.run_until_signal(lambda s: ready(s.port)))
+        print("drained, bye", flush=True)
+        return 0
+    from streaming.workers import WorkerError, run_workers
+
+    resolve_model_dir(args.model)  # usage errors here, before any worker starts
+    try:
+        code = run_workers(build_server, args, args.workers, ready)
+    except WorkerError as e:
+        raise CLIError(str(e)) from e
+    print("drained, bye" if code == 0 else "a worker died; the others were drained", flush=True)
+    return code
 
 
 def _add_stream(sub: argparse._SubParsersAction) -> None:

@@ -9,7 +9,8 @@ then closes. Stream starts are spread evenly over one chunk period. The N stream
   40 ms (`partial_interval_s`), so the default 250 ms throttle does not dominate the figure;
 - final latency: arrival of a final minus the send time of the chunk holding its `end` (it
   includes the endpoint pause, `pause_s` = 0.8 s by default, by design);
-- server CPU (cores busy) and RSS, from /proc; whether every transcript equals the offline one;
+- server CPU (cores busy) and RSS, from /proc, summed over its worker processes; whether every
+  transcript equals the offline one;
 - on CUDA: mean GPU utilisation and the most GPU memory used (nvidia-smi, whole GPU, sampled every 0.5 s).
 Latencies use time.monotonic(), which all processes share.
 
@@ -245,9 +246,9 @@ class ClientPool:
 # ---------------------------------------------------------------- server and GPU
 
 
-def start_server(model: Path, device: str, slots: int, lm: bool) -> Server:
+def start_server(model: Path, device: str, slots: int, lm: bool, workers: int) -> Server:
     serve = ["serve", "--model", str(model), "--port", "0", "--device", device, "--max-streams", str(slots)]
-    serve += [] if lm else ["--no-lm"]
+    serve += ["--workers", str(workers)] + ([] if lm else ["--no-lm"])
     stderr = tempfile.TemporaryFile()  # a file, not a pipe: nobody reads it while the server runs
     proc = subprocess.Popen([sys.executable, "-m", "asr", *serve], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr)
     line = proc.stdout.readline().decode()
@@ -274,18 +275,22 @@ def log_tail(log: IO[bytes]) -> str:
     return "".join(log.read().decode(errors="replace").splitlines(keepends=True)[-SERVER_LOG_LINES:])
 
 
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the workers of `asr serve --workers N`)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return [pid] + [p for c in children for p in _process_tree(c)]
+
+
 def proc_sample(pid: int) -> tuple[float, float]:
-    """(CPU seconds so far, RSS MiB) of a process, from /proc."""
-    fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
-    rss = (
-        next(
-            int(line.split()[1])
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-            if line.startswith("VmRSS")
-        )
-        / 1024
-    )
+    """(CPU seconds so far, RSS MiB) of a process and its descendants, from /proc."""
+    cpu = rss = 0.0
+    for p in _process_tree(pid):
+        fields_ = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu += (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+        status = Path(f"/proc/{p}/status").read_text().splitlines()
+        rss += next((int(line.split()[1]) for line in status if line.startswith("VmRSS")), 0) / 1024
     return cpu, rss
 
 
@@ -443,7 +448,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--streams", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16], help="N values to run")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="model directory (default: the bundled one)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the server's device (default: cpu)")
-    p.add_argument("--max-streams", type=positive_int, help="the server's state slots (default: the largest N)")
+    p.add_argument(
+        "--max-streams", type=positive_int, help="the server's slots (default: the largest N; twice that with workers)"
+    )
     p.add_argument("--chunk-ms", type=positive_int, default=100, help="audio per client message (default: 100)")
     default_procs = max(1, min(8, (os.cpu_count() or 2) // 2))
     p.add_argument(
@@ -460,8 +467,10 @@ def parse_args() -> argparse.Namespace:
         help="then rounds of the last N back to back for this long (default: 0: no soak)",
     )
     p.add_argument("--no-lm", action="store_true", help="greedy finals (default: the model's LM, if it has one)")
+    p.add_argument("--workers", type=positive_int, default=1, help="asr serve --workers (default: 1)")
     args = p.parse_args()
-    args.max_streams = args.max_streams or max(args.streams)
+    # the kernel spreads connections over workers unevenly: give each worker room for twice its share
+    args.max_streams = args.max_streams or max(args.streams) * (2 if args.workers > 1 else 1)
     if args.max_streams < max(args.streams):
         p.error(f"--max-streams {args.max_streams} is below the largest N {max(args.streams)}")
     return args
@@ -474,7 +483,7 @@ def main() -> None:
         paths = make_clips(Path(tmp))
         expected = reference_transcripts(paths, args.model, args.device, not args.no_lm)
         clips = [sf.read(c, dtype="float32")[0] for c in paths]
-    server = start_server(args.model, args.device, args.max_streams, not args.no_lm)
+    server = start_server(args.model, args.device, args.max_streams, not args.no_lm, args.workers)
     rows = []
     try:
         with ClientPool(args.client_procs, server.url, clips, args.chunk_ms) as pool:

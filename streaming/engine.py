@@ -101,10 +101,13 @@ class Engine:
         max_streams: int,
         on_step: Callable[[float, int], None] | None = None,
         search: BeamSearch | None = None,
+        token_prefix: str = "",
     ) -> None:
         """`on_step(seconds, batch)` is called from the batcher thread after each model step. With
-        `search`, finals are decoded again with its language model."""
+        `search`, finals are decoded again with its language model. Resume tokens start with
+        `token_prefix` (a server worker's, so that any worker can tell whose stream it is)."""
         self.model = model.eval()
+        self.token_prefix = token_prefix
         self.search = search
         self.on_step = on_step
         self.device = device
@@ -145,7 +148,8 @@ class Engine:
         if not self.free:
             raise CapacityError(f"all {self.max_streams} stream slots are in use")
         slot = self.free.pop()
-        stream = Stream(secrets.token_hex(8), secrets.token_urlsafe(16), slot, sample_rate, options, emit, always_reply)
+        token = self.token_prefix + secrets.token_urlsafe(16)
+        stream = Stream(secrets.token_hex(8), token, slot, sample_rate, options, emit, always_reply)
         self.streams[stream.id] = stream
         self.submit(Command(stream, "reset"))  # the batcher builds its compute state and zeroes the slot
         return stream

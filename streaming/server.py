@@ -1,11 +1,17 @@
 """`asr serve`: the WebSocket server (websockets.asyncio). The event loop only receives and sends;
-the engine's batcher does all compute. Protocol: streaming/protocol.py and docs/protocol.md."""
+the engine's batcher does all compute. Protocol: streaming/protocol.py and docs/protocol.md.
+
+With `asr serve --workers N` (streaming/workers.py), N of these servers share one port
+(SO_REUSEPORT), each with its own engine and 1/N of the slots. A resume that reaches a worker
+other than its stream's is passed through to that worker over a Unix socket."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
+import os
+import re
 import signal
 import ssl
 import time
@@ -14,9 +20,10 @@ from http import HTTPStatus
 from pathlib import Path
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from websockets.asyncio.client import ClientConnection, unix_connect
+from websockets.asyncio.server import Server, ServerConnection, serve, unix_serve
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.http11 import Request, Response
 
 from asr.decoding import Segment
@@ -26,6 +33,13 @@ from streaming import protocol as P
 from streaming.engine import CapacityError, Command, Engine, Stream
 
 HANDSHAKE_TIMEOUT_S = 10.0  # websockets' open_timeout: a handshake not done by then has failed
+_TOKEN_WORKER = re.compile(r"w(\d+)-")  # resume tokens of worker i start with "w<i>-"
+_RELAYED_HEADERS = ("authorization", "origin")
+
+
+def relay_socket(relay_dir: Path, worker: int) -> Path:
+    """The Unix socket on which worker `worker` takes resumes passed on by the other workers."""
+    return relay_dir / f"worker-{worker}.sock"
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,9 @@ class ServerConfig:
     max_speed: float = 8.0  # x real time a client may send, after a burst allowance
     burst_s: float = 10.0
     max_backlog_s: float = 10.0  # unprocessed audio per stream before its reads pause
+    worker: int = 0  # this server's index among `workers` processes sharing the port
+    workers: int = 1
+    relay_dir: Path | None = None  # workers > 1: where the workers' relay sockets live
 
 
 @dataclass
@@ -62,16 +79,38 @@ class Session:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.active = Gauge("asr_active_streams", "Streams holding a state slot", registry=self.registry)
-        self.batch = Gauge("asr_batch_size", "Streams in the last batched model step", registry=self.registry)
+        self.active = Gauge(
+            "asr_active_streams", "Streams holding a state slot", registry=self.registry, multiprocess_mode="livesum"
+        )
+        self.batch = Gauge(
+            "asr_batch_size",
+            "Streams in the last batched model step",
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
         self.step = Histogram(
             "asr_step_seconds",
             "Latency of one batched model step",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
             registry=self.registry,
         )
-        self.rtf = Gauge("asr_real_time_factor", "Compute seconds per audio second so far", registry=self.registry)
+        self.rtf = Gauge(
+            "asr_real_time_factor",
+            "Compute seconds per audio second so far",
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
         self.rejected = Counter("asr_rejected_connections", "Refused handshakes", ["reason"], registry=self.registry)
+
+    def exposition(self) -> bytes:
+        """Prometheus text: this process's metrics, or under several workers (PROMETHEUS_MULTIPROC_DIR
+        set), all workers' together: counts and histograms summed, active streams summed over live
+        workers, batch size and real-time factor per worker (label `pid`)."""
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
 
 
 class ASRServer:
@@ -86,15 +125,17 @@ class ASRServer:
         self.handlers: set[asyncio.Task] = set()
         self.engine: Engine | None = None
         self.server: Server | None = None
+        self.relay_server: Server | None = None
         self.draining = False
         self._reserved: dict[ServerConnection, float] = {}  # handshakes holding a slot -> since (monotonic)
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> Server:
-        self.engine = Engine(self.model, self.device, self.config.max_streams, self._on_step, self.search)
-        self.engine.start()
         c = self.config
+        prefix = f"w{c.worker}-" if c.workers > 1 else ""
+        self.engine = Engine(self.model, self.device, c.max_streams, self._on_step, self.search, prefix)
+        self.engine.start()
         tls = None
         if c.tls_cert is not None:
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -108,7 +149,16 @@ class ASRServer:
             open_timeout=HANDSHAKE_TIMEOUT_S,
             max_size=c.max_message_bytes,
             ssl=tls,
+            reuse_port=c.workers > 1 or None,
         )
+        if c.workers > 1:
+            self.relay_server = await unix_serve(
+                self._handle,
+                str(relay_socket(c.relay_dir, c.worker)),
+                process_request=self._process_request,
+                open_timeout=HANDSHAKE_TIMEOUT_S,
+                max_size=c.max_message_bytes,
+            )
         return self.server
 
     @property
@@ -131,6 +181,8 @@ class ASRServer:
         """Stop accepting, close every stream with its finals, wait for the connections to end."""
         self.draining = True
         self.server.close(close_connections=False)
+        if self.relay_server is not None:
+            self.relay_server.close(close_connections=False)
         for session in list(self.sessions.values()):
             if session.expiry is not None:  # detached: nobody to send finals to
                 self._expire(session)
@@ -203,13 +255,12 @@ class ASRServer:
         """Batcher thread: prometheus_client metrics are thread-safe."""
         self.metrics.step.observe(seconds)
         self.metrics.batch.set(batch)
-
-    def _metrics_response(self, connection: ServerConnection) -> Response:
         stats = self.engine.stats
-        self.metrics.active.set(self.engine.active)
         if stats.audio_seconds:
             self.metrics.rtf.set(stats.compute_seconds / stats.audio_seconds)
-        return connection.respond(HTTPStatus.OK, generate_latest(self.metrics.registry).decode())
+
+    def _metrics_response(self, connection: ServerConnection) -> Response:
+        return connection.respond(HTTPStatus.OK, self.metrics.exposition().decode())
 
     # ------------------------------------------------------------ WebSocket side
 
@@ -246,17 +297,23 @@ class ASRServer:
         session = Session(stream, vosk=vosk)
         stream.on_drained = session.drained.set
         self.sessions[stream.resume_token] = session
+        self.metrics.active.set(self.engine.active)  # kept current: other workers' scrapes read it
         return session
 
     def _forget(self, session: Session) -> None:
         self.sessions.pop(session.stream.resume_token, None)
         self.engine.release(session.stream)
+        self.metrics.active.set(self.engine.active)
 
     def _expire(self, session: Session) -> None:
         session.expiry = None
         self._forget(session)
 
     async def _native(self, connection: ServerConnection, params: P.StreamParams) -> None:
+        owner = self._owner(params.resume_token)
+        if owner is not None and owner != self.config.worker:
+            await self._relay(connection, owner)
+            return
         session = await self._attach(connection, params)
         if session is None:
             return
@@ -273,6 +330,32 @@ class ASRServer:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
                 await sender
+
+    def _owner(self, resume_token: str | None) -> int | None:
+        """The worker whose stream a resume token names (None: not a resume, or a single server)."""
+        match = _TOKEN_WORKER.match(resume_token or "")
+        if self.config.workers == 1 or match is None or int(match[1]) >= self.config.workers:
+            return None
+        return int(match[1])
+
+    async def _relay(self, client: ServerConnection, worker: int) -> None:
+        """A resume of another worker's stream: connect to that worker and pass messages both ways
+        until either side closes; the other side is closed with the same code and reason."""
+        headers = [(k, v) for k, v in client.request.headers.raw_items() if k.lower() in _RELAYED_HEADERS]
+        try:
+            upstream = await unix_connect(
+                str(relay_socket(self.config.relay_dir, worker)),
+                uri=f"ws://localhost{client.request.path}",
+                additional_headers=headers,
+                max_size=self.config.max_message_bytes,
+                open_timeout=HANDSHAKE_TIMEOUT_S,
+            )
+        except (OSError, InvalidHandshake, TimeoutError) as e:
+            await client.send(P.error(P.ERR_BAD_RESUME, f"the stream's worker {worker} cannot be reached: {e}"))
+            await client.close(P.CLOSE_BAD_RESUME, "bad resume token")
+            return
+        async with upstream:
+            await asyncio.gather(_pass_on(client, upstream), _pass_on(upstream, client))
 
     async def _attach(self, connection: ServerConnection, params: P.StreamParams) -> Session | None:
         if params.resume_token is None:
@@ -390,3 +473,12 @@ class ASRServer:
         self.engine.submit(Command(stream, kind))
         finals, _, _ = await session.replies.get()
         return P.vosk_result(finals), kind == "close"
+
+
+async def _pass_on(source: ServerConnection | ClientConnection, sink: ServerConnection | ClientConnection) -> None:
+    """Copy messages from `source` to `sink` until `source` closes, then close `sink` the same way."""
+    with contextlib.suppress(ConnectionClosed):
+        async for message in source:
+            await sink.send(message)
+    code = source.close_code if source.close_code not in (None, 1005, 1006) else P.CLOSE_GOING_AWAY
+    await sink.close(code, source.close_reason or "")

@@ -284,15 +284,85 @@ def test_capacity_disconnect_and_resume(server, tiny_model, speech_wav: Path) ->
     samples, rate = _audio(speech_wav)
     half = len(samples) // 2
     _, _, ready = _stream(server.url, samples[:half], rate, close=False)
-    url = f"{server.url}{P.STREAM_PATH}?sample_rate={rate}&encoding=f32le&resume_token={ready['resume_token']}"
-    finals = []
-    with connect(url) as ws:
+    assert _strip(_resume(server.url, ready, samples[half:], rate)) == _offline(tiny_model, speech_wav)
+
+
+def _resume(url: str, ready: dict, samples: np.ndarray, rate: int) -> list[dict]:
+    """Reconnect with the stream's resume token, send the rest of its audio, close; the finals."""
+    query = f"?sample_rate={rate}&encoding=f32le&resume_token={ready['resume_token']}"
+    with connect(f"{url}{P.STREAM_PATH}{query}") as ws:
         assert json.loads(ws.recv())["session"] == ready["session"]
-        for i in range(half, len(samples), 4000):
+        for i in range(0, len(samples), 4000):
             ws.send(P.encode_audio(samples[i : i + 4000], "f32le"))
         ws.send(json.dumps({"type": "close"}))
-        finals = [m for m in map(json.loads, ws) if m["type"] == "final"]
-    assert _strip(finals) == _offline(tiny_model, speech_wav)
+        return [m for m in map(json.loads, ws) if m["type"] == "final"]
+
+
+def test_resume_reaching_another_worker_is_passed_on(tiny_model, speech_wav: Path, tmp_path: Path) -> None:
+    """Two workers of `asr serve --workers 2`: a stream of worker 1 resumed through worker 0 continues
+    on worker 1, with no context lost; a bad token of worker 1 gets worker 1's error through worker 0."""
+    workers = [
+        RunningServer(tiny_model, ServerConfig(port=0, max_streams=2, worker=i, workers=2, relay_dir=tmp_path))
+        for i in range(2)
+    ]
+    try:
+        samples, rate = _audio(speech_wav)
+        half = len(samples) // 2
+        _, _, ready = _stream(workers[1].url, samples[:half], rate, close=False)
+        assert ready["resume_token"].startswith("w1-")
+        finals = _resume(workers[0].url, ready, samples[half:], rate)
+        assert _strip(finals) == _offline(tiny_model, speech_wav)
+        assert workers[0].call(lambda: workers[0].server.engine.stats.audio_seconds) == 0  # all on worker 1
+        for token in ("w1-nonsense", "w7-nonsense"):  # unknown to worker 1; no worker 7
+            with connect(f"{workers[0].url}{P.STREAM_PATH}?sample_rate=16000&resume_token={token}") as ws:
+                assert json.loads(ws.recv())["code"] == P.ERR_BAD_RESUME
+                with pytest.raises(ConnectionClosed) as closed:
+                    ws.recv()
+                assert closed.value.rcvd.code == P.CLOSE_BAD_RESUME
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def _metric(http: str, name: str) -> float:
+    text = urllib.request.urlopen(f"{http}{P.METRICS_PATH}", timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_serve_with_workers(tiny_model_dir: Path, tiny_model, speech_wav: Path) -> None:
+    """`asr serve --workers 2`: one port, both workers take streams, /metrics counts both workers' streams,
+    a resume works wherever it lands, and SIGTERM drains every worker."""
+    cmd = [sys.executable, "-m", "asr", "serve", "--model", str(tiny_model_dir), "--port", "0", "--device", "cpu"]
+    cmd += ["--workers", "2", "--max-streams", "8"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "2 workers" in line, line
+        url = line.split()[2].removesuffix("/v1/stream")
+        http = url.replace("ws://", "http://")
+        samples, rate = _audio(speech_wav)
+        with contextlib.ExitStack() as held:
+            seen: dict[str, object] = {}
+            opened = 0
+            while len(seen) < 2 and opened < 60:  # the kernel picks the worker: connect until both have a stream
+                ws = held.enter_context(connect(f"{url}{P.STREAM_PATH}?sample_rate={rate}&encoding=f32le"))
+                opened += 1
+                seen.setdefault(json.loads(ws.recv())["resume_token"][:3], ws)
+            assert sorted(seen) == ["w0-", "w1-"]
+            assert _metric(http, "asr_active_streams") == opened
+            ws = seen["w1-"]
+            for i in range(0, len(samples), 4000):
+                ws.send(P.encode_audio(samples[i : i + 4000], "f32le"))
+            proc.send_signal(signal.SIGTERM)
+            finals = [m for m in map(json.loads, ws) if m["type"] == "final"]
+            assert ws.protocol.close_code == P.CLOSE_NORMAL
+        assert _strip(finals) == _offline(tiny_model, speech_wav)
+        assert proc.wait(60) == 0
+        assert "drained" in proc.stdout.read()
+    finally:
+        proc.kill()
 
 
 def test_token_and_origin(tiny_model) -> None:

@@ -1,0 +1,152 @@
+"""`asr serve --workers N`: N server processes on one port, so that one GPU serves more streams
+than one Python interpreter can feed.
+
+Each worker is a whole `ASRServer` (event loop, engine, batcher, its own share of the slots and
+its own CUDA graphs) bound to the same port with SO_REUSEPORT; the kernel spreads new connections
+over them. Resume tokens name their worker, and a resume that reaches another worker is passed
+through to the right one over a Unix socket (`ASRServer._relay`), so a client never notices. The
+workers' Prometheus metrics are merged (prometheus_client's multiprocess mode), so `/metrics` on
+any worker describes the whole server.
+
+The parent process only starts the workers, waits for them, and passes SIGTERM and SIGINT on:
+each worker drains its own streams. If a worker dies on its own, the others are drained and the
+parent exits with 1, for a supervisor to restart the service.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+from prometheus_client import multiprocess
+
+START_TIMEOUT_S = 600.0  # loading the model and capturing CUDA graphs, per worker
+
+
+class WorkerError(Exception):
+    """A worker failed to start."""
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What worker `index` of `count` needs besides the command-line arguments."""
+
+    index: int
+    count: int
+    port: int
+    relay_dir: Path
+    max_streams: int  # this worker's slots
+
+
+def _worker(build: Callable, args, plan: WorkerPlan, ready: Connection) -> None:
+    """Process entry: build this worker's server and run it until SIGTERM or SIGINT."""
+    import asyncio
+
+    server = build(args, plan)
+
+    def started(_server) -> None:
+        ready.send(plan.index)
+        ready.close()
+
+    asyncio.run(server.run_until_signal(started))
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """A bound (not listening) SO_REUSEPORT socket that holds the port, a free one if `port` is 0,
+    while the workers bind it too."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((host, port))
+    return holder
+
+
+def run_workers(build: Callable, args, count: int, on_ready: Callable[[int], None]) -> int:
+    """Run `count` workers of `build(args, plan) -> ASRServer` on `args.host`/`args.port`.
+
+    `on_ready(port)` is called once every worker listens. Returns the exit code: 0 after a drain,
+    1 if a worker died on its own.
+    """
+    relay_dir = Path(tempfile.mkdtemp(prefix="asr-serve-"))
+    metrics_dir = relay_dir / "metrics"
+    metrics_dir.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # inherited by the spawned workers
+    ctx = mp.get_context("spawn")  # CUDA cannot be forked
+    procs: list[mp.Process] = []
+    try:
+        with _reserve_port(args.host, args.port) as holder:
+            port = holder.getsockname()[1]
+            per_worker = -(-args.max_streams // count)
+            readies = []
+            for i in range(count):
+                receive, send = ctx.Pipe(duplex=False)
+                plan = WorkerPlan(i, count, port, relay_dir, per_worker)
+                proc = ctx.Process(target=_worker, args=(build, args, plan, send), name=f"asr-serve-{i}")
+                proc.start()
+                send.close()
+                procs.append(proc)
+                readies.append(receive)
+            _wait_ready(procs, readies)
+        on_ready(port)
+        return _supervise(procs)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+            multiprocess.mark_process_dead(proc.pid)
+        shutil.rmtree(relay_dir, ignore_errors=True)
+
+
+def _wait_ready(procs: list[mp.Process], readies: list[Connection]) -> None:
+    pending = {r: p for r, p in zip(readies, procs, strict=True)}
+    while pending:
+        ready = wait([*pending, *(p.sentinel for p in pending.values())], timeout=START_TIMEOUT_S)
+        if not ready:
+            raise WorkerError(f"{len(pending)} worker(s) did not start within {START_TIMEOUT_S:g} s")
+        for r in [r for r in pending if r in ready]:
+            try:
+                r.recv()
+            except EOFError as e:  # the worker died before it listened
+                raise WorkerError(f"{pending[r].name} exited with {pending[r].exitcode} while starting") from e
+            del pending[r]
+        dead = [p for p in pending.values() if p.sentinel in ready]
+        if dead:
+            raise WorkerError(f"{dead[0].name} exited with {dead[0].exitcode} while starting")
+
+
+def _supervise(procs: list[mp.Process]) -> int:
+    """Pass SIGTERM/SIGINT on to the workers; wait for all of them. 1 if one died unasked."""
+    stopping = False
+
+    def stop(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        failed = False
+        alive = list(procs)
+        while alive:
+            ended = wait([p.sentinel for p in alive])
+            for proc in [p for p in alive if p.sentinel in ended]:
+                proc.join()
+                alive.remove(proc)
+                if proc.exitcode != 0 and not stopping:
+                    failed = True
+                    stop(signal.SIGTERM, None)  # drain the others
+        return 1 if failed or any(p.exitcode != 0 for p in procs) else 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
