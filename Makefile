@@ -12,7 +12,7 @@ setup: $(STAMP) apt $(VENV)/bin/lmplz
 
 # KenLM's lmplz and build_binary, for `asr lm` (built from source: they are not on PyPI).
 $(VENV)/bin/lmplz: | $(STAMP) apt
-	PATH=$(VENV)/bin:$$PATH bash scripts/build_kenlm.sh $(VENV)/bin
+	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/build_kenlm.sh $(VENV)/bin
 
 # Re-installs only when pyproject.toml changes.
 $(STAMP): pyproject.toml
