@@ -47,6 +47,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -427,6 +434,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="server processes sharing the port and the device, each with 1/N of the slots: one Python "
         "process feeds a GPU at most a few hundred streams (default 1)",
     )
+    p.add_argument(
+        "--lm-processes",
+        type=_non_negative_int,
+        default=2,
+        metavar="N",
+        help="with a language model: processes (per worker) that decode finals again, so that the batcher "
+        "never waits for the beam search; 0 runs it in the batcher thread (default 2)",
+    )
     add_lm_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -452,6 +467,7 @@ def build_server(args: argparse.Namespace, plan=None):
         worker=0 if plan is None else plan.index,
         workers=1 if plan is None else plan.count,
         relay_dir=None if plan is None else plan.relay_dir,
+        lm_processes=args.lm_processes,
     )
     info = {
         "dims": model.dims.to_dict(),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import multiprocessing as mp
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -136,12 +138,38 @@ class BeamSearch:
         chars.clear()
 
 
-class SegmentRescorer:
-    """One stream's `asr.decoding.Rescorer`: keeps the log-probs of the segment in progress only."""
+@dataclass(frozen=True)
+class RescoreJob:
+    """A finished segment and the log-probabilities of its frames, to be decoded again."""
 
-    def __init__(self, search: BeamSearch, frame_s: float = ENCODER_FRAME_S) -> None:
+    segment: Segment  # as greedy decoding wrote it
+    start: int  # stream frame of log_probs[0]
+    log_probs: torch.Tensor  # (L, V)
+
+    def result(self, words: list[tuple[str, int, int, float]], frame_s: float = ENCODER_FRAME_S) -> Segment:
+        """The segment with the beam search's `words` (frames relative to `start`), or greedy's if none."""
+        if not words:  # the LM found no word where greedy decoding did: keep greedy's
+            return self.segment
+        timed = tuple(
+            Word(w, round((self.start + a) * frame_s, 3), round((self.start + b + 1) * frame_s, 3), round(c, 4))
+            for w, a, b, c in words
+        )
+        return Segment(self.segment.id, timed[0].start, timed[-1].end, " ".join(w.word for w in timed), timed)
+
+
+class SegmentRescorer:
+    """One stream's `asr.decoding.Rescorer`: keeps the log-probs of the segment in progress only, and
+    decodes each finished segment again with `search`.
+
+    Without a `search` (`deferred`), it only collects the `RescoreJob`s, returns greedy's segments,
+    and `take_jobs()` hands the jobs to whoever decodes them elsewhere (`RescorePool`).
+    """
+
+    def __init__(self, search: BeamSearch | None, frame_s: float = ENCODER_FRAME_S, vocab_size: int = len(VOCAB)):
         self.search = search
         self.frame_s = frame_s
+        self.vocab_size = vocab_size
+        self.jobs: list[RescoreJob] = []  # deferred: finished segments not yet taken
         self._chunks: list[torch.Tensor] = []  # (L_i, V) each, float32 on the CPU
         self._first = 0  # stream frame of the first buffered frame
 
@@ -162,20 +190,54 @@ class SegmentRescorer:
 
     def rescore(self, segment: Segment, start: int, end: int) -> Segment:
         start = max(start, self._first)
-        words = self.search.words(self._buffer()[start - self._first : end - self._first])
+        job = RescoreJob(segment, start, self._buffer()[start - self._first : end - self._first])
         self.trim(end)
-        if not words:  # the LM found no word where greedy decoding did: keep greedy's
+        if self.search is None:
+            self.jobs.append(job)
             return segment
-        timed = tuple(
-            Word(w, round((start + a) * self.frame_s, 3), round((start + b + 1) * self.frame_s, 3), round(c, 4))
-            for w, a, b, c in words
-        )
-        return Segment(segment.id, timed[0].start, timed[-1].end, " ".join(w.word for w in timed), timed)
+        return job.result(self.search.words(job.log_probs), self.frame_s)
+
+    def take_jobs(self) -> list[RescoreJob]:
+        jobs, self.jobs = self.jobs, []
+        return jobs
 
     def _buffer(self) -> torch.Tensor:
         if len(self._chunks) > 1:
             self._chunks = [torch.cat(self._chunks)]
-        return self._chunks[0] if self._chunks else torch.zeros(0, len(self.search.vocab))
+        return self._chunks[0] if self._chunks else torch.zeros(0, self.vocab_size)
+
+
+_pool_search: BeamSearch | None = None  # in a RescorePool process: its own beam search
+
+
+def _init_pool_process(lm_dir: Path, config: BeamConfig) -> None:
+    global _pool_search
+    torch.set_num_threads(1)
+    _pool_search = BeamSearch(lm_dir, config)
+
+
+def _pool_words(log_probs: torch.Tensor) -> list[tuple[str, int, int, float]]:
+    return _pool_search.words(log_probs)
+
+
+class RescorePool:
+    """Beam searches in `processes` worker processes, so that a server's batcher thread never waits for
+    one (flashlight holds Python's interpreter lock while it decodes). Each process loads the LM."""
+
+    def __init__(self, search: BeamSearch, processes: int) -> None:
+        self._pool = ProcessPoolExecutor(
+            processes,
+            mp_context=mp.get_context("spawn"),
+            initializer=_init_pool_process,
+            initargs=(search.lm_dir, search.config),
+        )
+
+    def submit(self, job: RescoreJob) -> Future:
+        """A future of the job's words (`BeamSearch.words`)."""
+        return self._pool.submit(_pool_words, job.log_probs)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def find_lm(model_dir: Path | None) -> Path | None:

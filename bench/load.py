@@ -246,9 +246,9 @@ class ClientPool:
 # ---------------------------------------------------------------- server and GPU
 
 
-def start_server(model: Path, device: str, slots: int, lm: bool, workers: int) -> Server:
+def start_server(model: Path, device: str, slots: int, lm: bool, workers: int, lm_processes: int) -> Server:
     serve = ["serve", "--model", str(model), "--port", "0", "--device", device, "--max-streams", str(slots)]
-    serve += ["--workers", str(workers)] + ([] if lm else ["--no-lm"])
+    serve += ["--workers", str(workers), "--lm-processes", str(lm_processes)] + ([] if lm else ["--no-lm"])
     stderr = tempfile.TemporaryFile()  # a file, not a pipe: nobody reads it while the server runs
     proc = subprocess.Popen([sys.executable, "-m", "asr", *serve], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr)
     line = proc.stdout.readline().decode()
@@ -468,6 +468,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--no-lm", action="store_true", help="greedy finals (default: the model's LM, if it has one)")
     p.add_argument("--workers", type=positive_int, default=1, help="asr serve --workers (default: 1)")
+    p.add_argument("--lm-processes", type=int, default=2, help="asr serve --lm-processes (default: 2)")
     args = p.parse_args()
     # the kernel spreads connections over workers unevenly: give each worker room for twice its share
     args.max_streams = args.max_streams or max(args.streams) * (2 if args.workers > 1 else 1)
@@ -483,7 +484,7 @@ def main() -> None:
         paths = make_clips(Path(tmp))
         expected = reference_transcripts(paths, args.model, args.device, not args.no_lm)
         clips = [sf.read(c, dtype="float32")[0] for c in paths]
-    server = start_server(args.model, args.device, args.max_streams, not args.no_lm, args.workers)
+    server = start_server(args.model, args.device, args.max_streams, not args.no_lm, args.workers, args.lm_processes)
     rows = []
     try:
         with ClientPool(args.client_procs, server.url, clips, args.chunk_ms) as pool:

@@ -5,8 +5,10 @@ awaits that queue, takes everything waiting, and runs the compute in its own wor
 resampling, features, then batched steps (`asr.stepper.EncoderStepper`: the fused Triton step
 under CUDA graphs on CUDA, PyTorch on the CPU) over every stream that has a whole encoder frame
 ready, addressing each stream's state by its slot in place, then greedy decoding; with a language
-model, each finished segment is decoded again by its beam search (`asr.lm`). Messages for
-clients go back to each stream's asyncio queue through `loop.call_soon_threadsafe`. Nothing polls.
+model, each finished segment is decoded again by its beam search (`asr.lm`), in a pool of worker
+processes (`RescorePool`) so that the batcher never waits for it. Messages for clients go back to
+each stream's asyncio queue through `loop.call_soon_threadsafe`, in order per stream: a stream's
+results wait behind its finals still being decoded. Nothing polls.
 
 Each stream runs exactly the path of `asr transcribe` (same resampler, features, model state and
 decoder), so its finals equal the offline transcript; batching only adds float rounding.
@@ -19,7 +21,8 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +31,7 @@ import torch
 from asr.audio import StreamingResampler
 from asr.decoding import GreedyCTCDecoder, Segment, SegmenterConfig
 from asr.features import ENCODER_FRAME_S, N_MELS, SUBSAMPLING, WINDOW_SAMPLES, Framer, LogMel
-from asr.lm import BeamSearch, SegmentRescorer
+from asr.lm import BeamSearch, LMError, RescoreJob, RescorePool, SegmentRescorer
 from asr.model import ASRModel
 from asr.stepper import MAX_GRAPH_FRAMES, EncoderStepper
 from streaming.protocol import StreamOptions
@@ -62,14 +65,19 @@ class Stream:
     decoder: GreedyCTCDecoder = field(init=False)
     last_partial: str = ""
     last_partial_frame: int = -(10**9)
+    in_order: asyncio.Task | None = None  # event-loop side: the last delivery waiting for rescored finals
 
-    def reset(self, device: torch.device, search: BeamSearch | None) -> None:
+    def reset(self, device: torch.device, rescorer: SegmentRescorer | None) -> None:
         self.resampler = StreamingResampler(self.sample_rate)
         self.framer = Framer()
         self.windows = []
         self.pending = torch.zeros(0, N_MELS, device=device)
         seg = SegmenterConfig(pause_s=self.options.pause_s, max_segment_s=self.options.max_segment_s)
-        self.decoder = GreedyCTCDecoder(config=seg, rescorer=SegmentRescorer(search) if search else None)
+        self.decoder = GreedyCTCDecoder(config=seg, rescorer=rescorer)
+
+    @property
+    def rescorer(self) -> SegmentRescorer | None:
+        return self.decoder.rescorer
         self.last_partial, self.last_partial_frame = "", -(10**9)
 
 
@@ -102,13 +110,17 @@ class Engine:
         on_step: Callable[[float, int], None] | None = None,
         search: BeamSearch | None = None,
         token_prefix: str = "",
+        rescore_processes: int = 2,
     ) -> None:
         """`on_step(seconds, batch)` is called from the batcher thread after each model step. With
-        `search`, finals are decoded again with its language model. Resume tokens start with
-        `token_prefix` (a server worker's, so that any worker can tell whose stream it is)."""
+        `search`, finals are decoded again with its language model, in `rescore_processes` worker
+        processes (0: in the batcher thread). Resume tokens start with `token_prefix` (a server
+        worker's, so that any worker can tell whose stream it is)."""
         self.model = model.eval()
         self.token_prefix = token_prefix
-        self.search = search
+        self.pool = RescorePool(search, rescore_processes) if search is not None and rescore_processes else None
+        self.lm = search is not None
+        self.search = None if self.pool is not None else search  # what each stream's rescorer decodes with
         self.on_step = on_step
         self.device = device
         self.max_streams = max_streams
@@ -139,6 +151,8 @@ class Engine:
         if self._task is not None:
             self._task.cancel()
         self.executor.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown()
 
     @property
     def active(self) -> int:
@@ -186,7 +200,7 @@ class Engine:
             s = cmd.stream
             if cmd.kind == "reset":
                 self.stepper.reset(s.slot)
-                s.reset(self.device, self.search)
+                s.reset(self.device, SegmentRescorer(self.search) if self.lm else None)
                 self._live[s.id] = s
             elif cmd.kind == "audio" and not s.closed:
                 self._accept(s, cmd.audio)
@@ -211,8 +225,42 @@ class Engine:
             partial = None if sid in closed else (s.decoder.partial() if s.always_reply else self._partial(s))
             done = finals.get(sid, [])
             if done or partial is not None or sid in closed or s.always_reply:
-                deliveries.append((s.emit, s, done, partial, sid in closed))
+                deliveries.append((self._emit_in_order, s, self._rescore(s, done), partial, sid in closed))
         loop.call_soon_threadsafe(_deliver, deliveries)  # one wake-up of the event loop per batch
+
+    def _rescore(self, s: Stream, finals: list[Segment]) -> list[Segment | tuple[RescoreJob, Future]]:
+        """Each final, or with the pool, its job and the future of its words (in the finals' order)."""
+        if self.pool is None or s.rescorer is None:
+            return finals
+        jobs = s.rescorer.take_jobs()
+        return [(job, self.pool.submit(job)) for job in jobs]
+
+    # ------------------------------------------------------------ event-loop side, in order per stream
+
+    def _emit_in_order(
+        self, s: Stream, finals: list[Segment | tuple[RescoreJob, Future]], partial: Segment | None, closed: bool
+    ) -> None:
+        """Emit now, or after the stream's finals still being decoded, so that its messages keep their order."""
+        waiting = s.in_order is not None and not s.in_order.done()
+        if not waiting and all(isinstance(f, Segment) for f in finals):
+            s.emit(s, finals, partial, closed)
+            return
+        s.in_order = asyncio.get_running_loop().create_task(self._emit_after(s.in_order, s, finals, partial, closed))
+
+    async def _emit_after(self, previous: asyncio.Task | None, s: Stream, finals, partial, closed: bool) -> None:
+        if previous is not None:
+            await previous
+        s.emit(s, [await self._rescored(f) for f in finals], partial, closed)
+
+    async def _rescored(self, final: Segment | tuple[RescoreJob, Future]) -> Segment:
+        if isinstance(final, Segment):
+            return final
+        job, future = final
+        try:
+            return job.result(await asyncio.wrap_future(future))
+        except (BrokenProcessPool, LMError, RuntimeError) as e:  # the stream goes on with greedy's final
+            logging.getLogger(__name__).error("language-model rescoring failed: %r", e)
+            return job.segment
 
     def _drained(self, stream: Stream, n: int) -> None:
         stream.backlog -= n
@@ -256,7 +304,7 @@ class Engine:
         log_probs = self.stepper(feats, [s.slot for s in streams])
         best_logp, best = log_probs.max(dim=-1)
         probs, tokens = torch.stack([best_logp.exp(), best.float()]).cpu()  # token ids < 2^24 are exact
-        rows = log_probs.float().cpu() if self.search is not None else [None] * len(streams)  # the LM's
+        rows = log_probs.float().cpu() if self.lm else [None] * len(streams)  # the LM's
         done = [
             s.decoder.feed_best(p, t, lp)
             for s, p, t, lp in zip(streams, probs.tolist(), tokens.int().tolist(), rows, strict=True)

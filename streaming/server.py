@@ -60,6 +60,7 @@ class ServerConfig:
     worker: int = 0  # this server's index among `workers` processes sharing the port
     workers: int = 1
     relay_dir: Path | None = None  # workers > 1: where the workers' relay sockets live
+    lm_processes: int = 2  # with a language model: processes that decode finals again (0: the batcher thread)
 
 
 @dataclass
@@ -134,7 +135,7 @@ class ASRServer:
     async def start(self) -> Server:
         c = self.config
         prefix = f"w{c.worker}-" if c.workers > 1 else ""
-        self.engine = Engine(self.model, self.device, c.max_streams, self._on_step, self.search, prefix)
+        self.engine = Engine(self.model, self.device, c.max_streams, self._on_step, self.search, prefix, c.lm_processes)
         self.engine.start()
         tls = None
         if c.tls_cert is not None:

@@ -14,7 +14,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,12 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request, Response
 from websockets.sync.client import connect
 
-from asr.lm import BeamConfig, BeamSearch, SegmentRescorer
+from asr.decoding import Segment, Word
+from asr.lm import BeamConfig, BeamSearch, RescoreJob, SegmentRescorer
 from asr.model import ASRModel
 from asr.transcribe import transcribe_file
 from streaming import protocol as P
+from streaming.engine import Engine, Stream
 from streaming.server import ASRServer, ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,20 +140,74 @@ def test_concurrent_streams_closing_together_equal_offline(server, tiny_model, s
         assert code == P.CLOSE_NORMAL and _strip(finals) == expected
 
 
-def test_finals_with_a_language_model_equal_offline(tiny_model, tiny_lm_dir: Path, speech_wav: Path) -> None:
-    """With an LM every final is decoded again by its beam search, exactly as `asr transcribe --lm` does."""
+@pytest.mark.parametrize("lm_processes", [2, 0])
+def test_finals_with_a_language_model_equal_offline(
+    tiny_model, tiny_lm_dir: Path, speech_wav: Path, lm_processes: int
+) -> None:
+    """With an LM every final is decoded again by its beam search, exactly as `asr transcribe --lm` does,
+    in worker processes or in the batcher thread; a stream's messages keep their order either way (no
+    partial of a segment before the final of the one before it)."""
     search = BeamSearch(tiny_lm_dir, BeamConfig(lm_weight=3.0))
-    running = RunningServer(tiny_model, ServerConfig(port=0, max_streams=2), search)
+    running = RunningServer(tiny_model, ServerConfig(port=0, max_streams=2, lm_processes=lm_processes), search)
     try:
         samples, rate = _audio(speech_wav)
-        finals, partials, code = _stream(running.url, samples, rate)
+        messages = _messages(running.url, samples, rate)
     finally:
         running.stop()
+    finals = [m for m in messages if m["type"] == "final"]
     expected = _offline(tiny_model, speech_wav, search)
-    assert code == P.CLOSE_NORMAL and finals and _strip(finals) == expected
+    assert finals and _strip(finals) == expected
     assert expected != _offline(tiny_model, speech_wav)  # the LM changed the words
     lexicon = {line.split()[0] for line in (tiny_lm_dir / "lexicon.txt").read_text().splitlines()}
     assert {w["word"] for f in finals for w in f["words"]} <= lexicon
+    finished = -1
+    for m in messages:
+        assert m["segment"] > finished, m  # nothing more about a segment once its final is out
+        if m["type"] == "final":
+            finished = m["segment"]
+
+
+def test_results_wait_behind_finals_being_rescored(tiny_model) -> None:
+    """A stream's later results (a partial, the next final, its close) are emitted only after an earlier
+    final that is still being decoded by the LM pool, and a failed rescoring falls back to greedy's final."""
+    seg = [Segment(i, float(i), i + 0.5, f"GREEDY{i}", (Word(f"GREEDY{i}", float(i), i + 0.5, 0.9),)) for i in range(3)]
+    jobs = [RescoreJob(seg[i], 25 * i, torch.zeros(10, 29)) for i in range(3)]
+    emitted: list[tuple] = []
+    stream = Stream("s", "t", 0, 16000, P.StreamOptions(), lambda s, f, p, c: emitted.append((f, p, c)))
+
+    async def run() -> None:
+        engine = Engine(tiny_model, torch.device("cpu"), 1)
+        first, second = Future(), Future()
+        engine._emit_in_order(stream, [(jobs[0], first)], None, False)
+        engine._emit_in_order(stream, [], seg[1], False)  # a partial of the next segment
+        engine._emit_in_order(stream, [(jobs[1], second)], None, False)
+        engine._emit_in_order(stream, [jobs[2].segment], None, True)
+        await asyncio.sleep(0)
+        assert emitted == []  # all wait behind the first final
+        second.set_result([("LATER", 0, 3, 0.8)])
+        first.set_exception(BrokenProcessPool("a pool process died"))
+        await stream.in_order
+        await engine.stop()
+
+    asyncio.run(run())
+    assert [([f.text for f in finals], partial, closed) for finals, partial, closed in emitted] == [
+        (["GREEDY0"], None, False),  # rescoring failed: greedy's final, still in its place
+        ([], seg[1], False),
+        (["LATER"], None, False),
+        (["GREEDY2"], None, True),
+    ]
+    assert emitted[2][0][0].start == 1.0  # the job's start frame 25 x 40 ms
+
+
+def _messages(url: str, samples: np.ndarray, rate: int) -> list[dict]:
+    """Every result message of one stream sent in small chunks and closed, in arrival order."""
+    with connect(f"{url}{P.STREAM_PATH}?sample_rate={rate}&encoding=f32le") as ws:
+        ws.recv()
+        ws.send(json.dumps({"type": "config", "partial_interval_s": 0.04}))
+        for i in range(0, len(samples), 1500):
+            ws.send(P.encode_audio(samples[i : i + 1500], "f32le"))
+        ws.send(json.dumps({"type": "close"}))
+        return [m for m in map(json.loads, ws) if m["type"] in ("partial", "final")]
 
 
 def test_vosk_protocol(server) -> None:
