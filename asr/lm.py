@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -36,6 +36,7 @@ from torchaudio.models.decoder import CTCDecoder, ctc_decoder
 
 from asr.decoding import Segment, Word
 from asr.features import ENCODER_FRAME_S
+from asr.synth import read_lines
 from asr.text import BLANK_ID, SPACE_ID, VOCAB, normalize
 
 LM_DIR = "lm"
@@ -251,7 +252,7 @@ def find_lm(model_dir: Path | None) -> Path | None:
 # ---------------------------------------------------------------- building
 
 
-def lm_sentences(paths: Iterable[Path], keep: Iterable[str] | None = None) -> Iterator[str]:
+def lm_sentences(paths: Iterable[Path], keep: Callable[[str], bool] | None = None) -> Iterator[str]:
     """Normalized, de-duplicated lines of text files (.xz ok), optionally only those `keep` accepts.
 
     `keep` is a predicate on the normalized line (the default model keeps the training split only,
@@ -259,14 +260,12 @@ def lm_sentences(paths: Iterable[Path], keep: Iterable[str] | None = None) -> It
     """
     seen: set[str] = set()
     for path in paths:
-        opener = lzma.open if path.suffix == ".xz" else open
         try:
-            with opener(path, "rt", encoding="utf-8") as f:
-                for line in f:
-                    text = normalize(line.split("\t")[-1])
-                    if text and text not in seen and (keep is None or keep(text)):
-                        seen.add(text)
-                        yield text
+            for line in read_lines(path):
+                text = normalize(line.split("\t")[-1])
+                if text and text not in seen and (keep is None or keep(text)):
+                    seen.add(text)
+                    yield text
         except (OSError, lzma.LZMAError, UnicodeDecodeError) as e:
             raise LMError(f"cannot read {path}: {e}") from e
 

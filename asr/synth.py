@@ -175,7 +175,8 @@ def sentence_split(text: str) -> str:
     return "train"
 
 
-def _open_text(path: Path) -> Iterator[str]:
+def read_lines(path: Path) -> Iterator[str]:
+    """The lines of a text file, `.xz` or plain, without their newlines."""
     opener = lzma.open if path.suffix == ".xz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         yield from (line.rstrip("\n") for line in f)
@@ -190,11 +191,11 @@ def load_sentences(path: Path, split: str) -> tuple[list[str], list[float]]:
     """
     if not path.is_file():
         raise SynthError(f"text file not found: {path}")
-    lines = list(_open_text(path))
+    lines = list(read_lines(path))
     sources_file = path.with_name("sentences.tsv.xz")
     sources = [""] * len(lines)
     if path.name == "sentences.norm.txt.xz" and sources_file.is_file():
-        sources = [line.split("\t", 1)[0] for line in _open_text(sources_file)]
+        sources = [line.split("\t", 1)[0] for line in read_lines(sources_file)]
         if len(sources) != len(lines):
             raise SynthError(f"{sources_file} is not line-aligned with {path}")
     seen: set[str] = set()

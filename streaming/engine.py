@@ -74,10 +74,6 @@ class Stream:
         self.pending = torch.zeros(0, N_MELS, device=device)
         seg = SegmenterConfig(pause_s=self.options.pause_s, max_segment_s=self.options.max_segment_s)
         self.decoder = GreedyCTCDecoder(config=seg, rescorer=rescorer)
-
-    @property
-    def rescorer(self) -> SegmentRescorer | None:
-        return self.decoder.rescorer
         self.last_partial, self.last_partial_frame = "", -(10**9)
 
 
@@ -118,9 +114,8 @@ class Engine:
         worker's, so that any worker can tell whose stream it is)."""
         self.model = model.eval()
         self.token_prefix = token_prefix
+        self.search = search
         self.pool = RescorePool(search, rescore_processes) if search is not None and rescore_processes else None
-        self.lm = search is not None
-        self.search = None if self.pool is not None else search  # what each stream's rescorer decodes with
         self.on_step = on_step
         self.device = device
         self.max_streams = max_streams
@@ -200,7 +195,7 @@ class Engine:
             s = cmd.stream
             if cmd.kind == "reset":
                 self.stepper.reset(s.slot)
-                s.reset(self.device, SegmentRescorer(self.search) if self.lm else None)
+                s.reset(self.device, self._rescorer())
                 self._live[s.id] = s
             elif cmd.kind == "audio" and not s.closed:
                 self._accept(s, cmd.audio)
@@ -228,12 +223,18 @@ class Engine:
                 deliveries.append((self._emit_in_order, s, self._rescore(s, done), partial, sid in closed))
         loop.call_soon_threadsafe(_deliver, deliveries)  # one wake-up of the event loop per batch
 
+    def _rescorer(self) -> SegmentRescorer | None:
+        """A new stream's rescorer: none without an LM; decoding in place, or collecting jobs for the pool."""
+        if self.search is None:
+            return None
+        return SegmentRescorer(None if self.pool is not None else self.search)
+
     def _rescore(self, s: Stream, finals: list[Segment]) -> list[Segment | tuple[RescoreJob, Future]]:
-        """Each final, or with the pool, its job and the future of its words (in the finals' order)."""
-        if self.pool is None or s.rescorer is None:
+        """The finals, or with the pool, the job of each (the same segments, in the same order) and the
+        future of its words."""
+        if self.pool is None:
             return finals
-        jobs = s.rescorer.take_jobs()
-        return [(job, self.pool.submit(job)) for job in jobs]
+        return [(job, self.pool.submit(job)) for job in s.decoder.rescorer.take_jobs()]
 
     # ------------------------------------------------------------ event-loop side, in order per stream
 
@@ -304,7 +305,7 @@ class Engine:
         log_probs = self.stepper(feats, [s.slot for s in streams])
         best_logp, best = log_probs.max(dim=-1)
         probs, tokens = torch.stack([best_logp.exp(), best.float()]).cpu()  # token ids < 2^24 are exact
-        rows = log_probs.float().cpu() if self.lm else [None] * len(streams)  # the LM's
+        rows = log_probs.float().cpu() if self.search is not None else [None] * len(streams)  # the LM's
         done = [
             s.decoder.feed_best(p, t, lp)
             for s, p, t, lp in zip(streams, probs.tolist(), tokens.int().tolist(), rows, strict=True)

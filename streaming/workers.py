@@ -78,6 +78,7 @@ def run_workers(build: Callable, args, count: int, on_ready: Callable[[int], Non
     relay_dir = Path(tempfile.mkdtemp(prefix="asr-serve-"))
     metrics_dir = relay_dir / "metrics"
     metrics_dir.mkdir()
+    previous_env = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # inherited by the spawned workers
     ctx = mp.get_context("spawn")  # CUDA cannot be forked
     procs: list[mp.Process] = []
@@ -104,6 +105,10 @@ def run_workers(build: Callable, args, count: int, on_ready: Callable[[int], Non
             proc.join()
             multiprocess.mark_process_dead(proc.pid)
         shutil.rmtree(relay_dir, ignore_errors=True)
+        if previous_env is None:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous_env
 
 
 def _wait_ready(procs: list[mp.Process], readies: list[Connection]) -> None:
