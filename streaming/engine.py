@@ -179,10 +179,15 @@ class Engine:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            commands = [await self.queue.get()]
-            while not self.queue.empty():
-                commands.append(self.queue.get_nowait())
-            await loop.run_in_executor(self.executor, self._process, commands, loop)
+            await loop.run_in_executor(self.executor, self._process, await self._take_all(), loop)
+
+    async def _take_all(self) -> list[Command]:
+        """Everything waiting, at least one command. (Not kept past the batch: a batch's audio is freed
+        once it is processed, not when the next command arrives.)"""
+        commands = [await self.queue.get()]
+        while not self.queue.empty():
+            commands.append(self.queue.get_nowait())
+        return commands
 
     # ------------------------------------------------------------ batcher thread
 
