@@ -305,12 +305,18 @@ class Engine:
 
     def _step(self, streams: list[Stream], feats: torch.Tensor) -> list[list[Segment]]:
         """One batched model step over the streams' slots, in place; feeds each stream's decoder the batch's
-        argmax (one transfer from the device) and returns the segments each completed."""
+        argmax (one transfer from the device; with an LM, of the whole log-probs, which its rescorers keep)
+        and returns the segments each completed."""
         start = time.perf_counter()
         log_probs = self.stepper(feats, [s.slot for s in streams])
-        best_logp, best = log_probs.max(dim=-1)
-        probs, tokens = torch.stack([best_logp.exp(), best.float()]).cpu()  # token ids < 2^24 are exact
-        rows = log_probs.float().cpu() if self.search is not None else [None] * len(streams)  # the LM's
+        if self.search is not None:
+            rows = log_probs.float().cpu()
+            best_logp, best = rows.max(dim=-1)
+            probs, tokens = best_logp.exp(), best
+        else:
+            best_logp, best = log_probs.max(dim=-1)
+            probs, tokens = torch.stack([best_logp.exp(), best.float()]).cpu()  # token ids < 2^24 are exact
+            rows = [None] * len(streams)
         done = [
             s.decoder.feed_best(p, t, lp)
             for s, p, t, lp in zip(streams, probs.tolist(), tokens.int().tolist(), rows, strict=True)
