@@ -243,8 +243,8 @@ class Mamba2Mixer(nn.Module):
         """u (B, L, d_model) -> (B, L, d_model) by the fused Triton step on pool rows `slots` (unchecked), in
         pieces of at most triton_step.MAX_FRAMES frames (exact: streaming equals offline)."""
         zxbcdt, n = self.in_proj(u), triton_step.MAX_FRAMES
-        y = torch.cat([self._step_piece(zxbcdt[:, i : i + n], pool, slots) for i in range(0, u.shape[1], n)], dim=1)
-        return self.out_proj(y)
+        pieces = [self._step_piece(zxbcdt[:, i : i + n], pool, slots) for i in range(0, u.shape[1], n)]
+        return self.out_proj(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
 
     def _step_piece(self, zxbcdt: torch.Tensor, pool: MambaLayerState, slots: torch.Tensor) -> torch.Tensor:
         d = self.dims

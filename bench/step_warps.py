@@ -1,7 +1,12 @@
-"""How the fused step's scan kernel scales with its warp count: whole-encoder step latency under CUDA graphs
-for each `num_warps` of `_step_scan_kernel` (no autotuning in the kernel itself: it writes state in place).
+"""How the fused step's scan kernel scales with its launch settings: whole-encoder step latency under CUDA graphs
+for each variant of `_step_scan_kernel`'s fixed settings in `kernels/step.py` (no autotuning in the kernel itself:
+it writes state in place, so the settings are chosen by hand from this table).
 
-    python3 bench/step_warps.py [--warps 1 2 4 8] [--configs 1x1 64x4 1024x1 1024x4]
+A variant is ROWS/WARPS: state rows per program (`_SCAN_ROWS`) and num_warps (`_SCAN_WARPS`). Each runs the graphed
+step of the default model (bf16 weights) at each BATCHxCHUNK configuration; the table gives the median
+microseconds of `--steps` steps.
+
+    python3 bench/step_warps.py [--variants 16/2 32/4 64/2 ...] [--configs 1x1 64x4 1024x1 1024x8]
 """
 
 from __future__ import annotations
@@ -37,20 +42,21 @@ def median_us(model: ASRModel, batch: int, chunk: int, steps: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--configs", nargs="+", default=["1x1", "64x4", "1024x1", "1024x4"], help="BATCHxCHUNK")
+    p.add_argument("--variants", nargs="+", default=["16/1", "16/2", "32/2", "32/4", "64/2"], help="ROWS/WARPS")
+    p.add_argument("--configs", nargs="+", default=["1x1", "64x4", "1024x1", "1024x8"], help="BATCHxCHUNK")
     p.add_argument("--steps", type=int, default=30)
     args = p.parse_args()
     torch.manual_seed(0)
     model = ASRModel(ModelDimensions()).to("cuda", torch.bfloat16)
     configs = [tuple(int(v) for v in c.split("x")) for c in args.configs]
-    print("| scan kernel warps | " + " | ".join(f"batch {b} chunk {c} (us)" for b, c in configs) + " |")
+    print("| state rows / warps | " + " | ".join(f"batch {b} chunk {c} (us)" for b, c in configs) + " |")
     print("|---|" + "---|" * len(configs))
     with torch.inference_mode():
-        for w in args.warps:
-            kernels.step._NUM_WARPS = w
+        for variant in args.variants:
+            rows, warps = variant.split("/")
+            kernels.step._SCAN_ROWS, kernels.step._SCAN_WARPS = int(rows), int(warps)
             row = [median_us(model, b, c, args.steps) for b, c in configs]
-            print(f"| {w} | " + " | ".join(f"{v:,.1f}" for v in row) + " |", flush=True)
+            print(f"| {variant} | " + " | ".join(f"{v:,.1f}" for v in row) + " |", flush=True)
 
 
 if __name__ == "__main__":

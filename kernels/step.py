@@ -1,4 +1,4 @@
-"""One streaming step of a Mamba-2 mixer on a slot pool, as two Triton kernels.
+"""One streaming step of a Mamba-2 mixer on a slot pool, as three Triton kernels.
 
 Same function as `step_ref` below: everything `Mamba2Mixer._run` does between in_proj and out_proj, for L
 (1..16) frames of B streams whose state lives in rows `slots` of a preallocated pool, updated in place.
@@ -8,27 +8,33 @@ N d_state, K conv width, d_inner = H P, conv_dim = d_inner + 2 g N, d_in_proj = 
 zxbcdt (B, L, d_in_proj) = [z (d_inner) | x (d_inner) | B (g N) | C (g N) | dt (H)], conv_cache (S, conv_dim, K - 1)
 in zxbcdt's dtype, ssm_state (S, H, P, N) float32, slots (B,) int64 distinct.
 
-Kernel 1, `_step_scan_kernel`, grid (B, H): one program per (stream, head). It reads slots[b] once, loads that
-head's state (P, N) ONCE into float32 registers, and for each frame t (unrolled, L is a constexpr) computes the
-causal conv + SiLU of the head's P x channels and its group's N B and N C channels (the K taps come from the
-conv cache row for t + k < K - 1 and from zxbcdt after), dt = softplus(dt + dt_bias), then
+Kernel 1, `_step_conv_kernel`, grid (B, conv_dim / BLOCK_C): the causal depthwise conv + SiLU of one block of
+channels for all L frames, into a float32 scratch xbc (B, L, conv_dim) (the K taps come from the conv cache row
+for t + k < K - 1 and from zxbcdt after), then the shift of those channels' cache to the last K - 1 inputs (all
+reads of the old row come before a barrier, the writes after: for L < K - 1 the new row keeps part of the old).
+Channel blocks are disjoint, so no program reads cache that another writes. Block 0 also writes
+dt = softplus(dt + dt_bias) (B, L, H) float32.
 
-    S = exp(dt A) S + dt x B^T        y = S C + D x        (pre-norm, float32, into a (B, L, d_inner) scratch)
+Kernel 2, `_step_scan_kernel`, grid (B, H, P / BLOCK_P): one program per BLOCK_P rows of one head's state of one
+stream. It loads its (BLOCK_P, N) state slice ONCE into float32 registers and, for each frame t (unrolled, L is a
+constexpr),
 
-and stores the state ONCE. The shapes are too small for tl.dot (one frame at a time), so it is broadcasts and
-tl.sum, all in float32 (no tf32). It never writes the conv cache: the B and C channels are shared by the heads of a
-group, so a head that shifted them would race with the others still reading them.
+    S = exp(dt A) S + dt x B^T        y = S C + D x
 
-Kernel 2, `_step_norm_kernel`, grid (B,): one program per stream, after kernel 1 (same CUDA stream). It applies
-the gated RMSNorm over the whole d_inner to the stream's L rows, y = rmsnorm(y * silu(z)) * norm_weight, and
-shifts the stream's conv cache row (all conv_dim channels) to the last K - 1 inputs, reading the old row in full
-before a barrier and writing after it (for L < K - 1 the new row holds part of the old one).
+then stores the state ONCE and the L rows of y (pre-norm, float32) together at the end. Nothing is stored inside
+the frame loop, so the compiler may issue every frame's loads up front; with the conv done by kernel 1 the loop
+loads only x, B, C and dt. The shapes are too small for tl.dot (one frame at a time): broadcasts and tl.sum, all
+in float32 (no tf32).
 
-The pool is addressed through slots[b] in both kernels: no gather or scatter, rows outside `slots` are untouched.
+Kernel 3, `_step_norm_kernel`, grid (B,): the gated RMSNorm over the whole d_inner of the stream's L rows,
+out = rmsnorm(y * silu(z)) * norm_weight, in zxbcdt's dtype.
+
+The pool is addressed through slots[b]: no gather or scatter, rows outside `slots` are untouched.
 `step` checks the slots (range and distinctness, a device sync) unless told the caller did (`check=False`, as
 under CUDA graph capture). Rows that share a slot race; a caller that pads a batch points every pad row at one
 spare slot whose contents it never reads.
-No autotuning: the kernels write the pool in place, so a tuning rerun would advance the state twice.
+No autotuning: the kernels write the pool in place, so a tuning rerun would advance the state twice. The launch
+settings below were chosen by hand on the H200 (bench/step_warps.py, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -46,9 +52,10 @@ __all__ = ["step", "step_ref", "check_slots", "MAX_FRAMES"]
 
 MAX_FRAMES = 16  # L is a constexpr (the frame loop is unrolled): at most this many frames per call
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_NUM_WARPS = 2  # scan kernel: a (64, 64) float32 state is 64 registers a thread; 2.3x faster than 4 at
-# batch 1024 x 4 frames on the H200 (bench/step_warps.py, BENCHMARKS.md)
-_NORM_WARPS = 8  # norm kernel: up to (16, d_inner) rows and the (conv_dim, K - 1) cache row in one program
+_CONV_BLOCK, _CONV_WARPS = 128, 4  # conv kernel: channels per program
+_SCAN_ROWS, _SCAN_WARPS = 16, 2  # scan kernel: state rows per program; at 64 rows and 2 warps (the previous
+# kernel's shape, one program per head) batch 1024 x 8 frames took 175 us a layer against 135 us at 16 rows
+_NORM_WARPS = 8  # norm kernel: up to (16, d_inner) rows in one program
 
 
 def step_ref(
@@ -110,18 +117,73 @@ def _softplus(v):
 
 
 @triton.jit
-def _step_scan_kernel(
+def _step_conv_kernel(
     zx_ptr,
     cache_ptr,
-    state_ptr,
     slots_ptr,
     w_ptr,
     bias_ptr,
     dt_bias_ptr,
+    xbc_ptr,
+    dt_ptr,
+    d_in_proj,
+    d_inner,
+    conv_dim,
+    n_heads,
+    L: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Program (b, j): conv + SiLU of channels j BLOCK_C ... into xbc_ptr (B, L, conv_dim), their cache shift;
+    j = 0 also dt (B, L, H)."""
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    slot = tl.load(slots_ptr + b)
+    ch = j * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = ch < conv_dim
+    row = zx_ptr + b * L * d_in_proj
+    cache = cache_ptr + slot * conv_dim * (K - 1)
+    for t in tl.static_range(L):
+        v = _conv_silu(row + d_inner, cache, w_ptr, bias_ptr, ch, mask, d_in_proj, t, K)
+        tl.store(xbc_ptr + (b * L + t) * conv_dim + ch, v, mask=mask)
+    _shift_conv_cache(row + d_inner, cache, ch, mask, d_in_proj, L, K, BLOCK_K)
+    if j == 0:
+        rows = tl.arange(0, BLOCK_L)[:, None]
+        hh = tl.arange(0, BLOCK_H)[None, :]
+        m = (rows < L) & (hh < n_heads)
+        dt = tl.load(row + rows * d_in_proj + d_inner + conv_dim + hh, mask=m, other=0.0).to(tl.float32)
+        dt_bias = tl.load(dt_bias_ptr + hh, mask=hh < n_heads, other=0.0).to(tl.float32)
+        tl.store(dt_ptr + (b * L + rows) * n_heads + hh, _softplus(dt + dt_bias), mask=m)
+
+
+@triton.jit
+def _shift_conv_cache(
+    xbc_ptr, cache_ptr, ch, mask, row_stride, L: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """Rewrite channels ch of a conv cache row (conv_dim, K - 1) to the last K - 1 inputs of cat(old row, L frames
+    of xbc_ptr)."""
+    c = ch[:, None]
+    j = tl.arange(0, BLOCK_K)[None, :]
+    src = L + j  # column of cat(old row, frames): < K - 1 is the old row, else frame src - (K - 1)
+    valid = mask[:, None] & (j < K - 1)
+    old = tl.load(cache_ptr + c * (K - 1) + src, mask=valid & (src < K - 1), other=0.0)
+    new = tl.load(xbc_ptr + (src - (K - 1)) * row_stride + c, mask=valid & (src >= K - 1), other=0.0)
+    tl.debug_barrier()  # every thread has read the old row (here and in the conv) before any writes it
+    tl.store(cache_ptr + c * (K - 1) + j, tl.where(src < K - 1, old, new), mask=valid)
+
+
+@triton.jit
+def _step_scan_kernel(
+    xbc_ptr,
+    dt_ptr,
+    state_ptr,
+    slots_ptr,
     A_log_ptr,
     D_ptr,
     y_ptr,
-    d_in_proj,
     d_inner,
     conv_dim,
     n_heads,
@@ -130,63 +192,37 @@ def _step_scan_kernel(
     P,
     N,
     L: tl.constexpr,
-    K: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
-    """Program (b, h): conv + SiLU, softplus and the SSM recurrence over L frames; y pre-norm into y_ptr."""
+    """Program (b, h, i): rows i BLOCK_P ... of head h's state of stream b over L frames; y pre-norm into y_ptr."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slots_ptr + b)
     grp = h // heads_per_group
-    rp = tl.arange(0, BLOCK_P)
+    rp = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     rn = tl.arange(0, BLOCK_N)
+    tt = tl.arange(0, BLOCK_L)
     mp, mn = rp < P, rn < N
-    x_ch = h * P + rp
-    b_ch = d_inner + grp * N + rn
-    c_ch = d_inner + n_groups * N + grp * N + rn
-
-    row = zx_ptr + b * L * d_in_proj
-    xbc = row + d_inner
-    cache = cache_ptr + slot * conv_dim * (K - 1)
-    s_off = slot * n_heads * P * N + h * P * N + rp[:, None] * N + rn[None, :]
+    s_off = (slot * n_heads + h) * P * N + rp[:, None] * N + rn[None, :]
     s_mask = mp[:, None] & mn[None, :]
     S = tl.load(state_ptr + s_off, mask=s_mask, other=0.0)
-
     A = -tl.exp(tl.load(A_log_ptr + h).to(tl.float32))
     Dh = tl.load(D_ptr + h).to(tl.float32)
-    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
+    Y = tl.zeros((BLOCK_P, BLOCK_L), dtype=tl.float32)  # column t: frame t's y
     for t in tl.static_range(L):
-        x = _conv_silu(xbc, cache, w_ptr, bias_ptr, x_ch, mp, d_in_proj, t, K)
-        Bt = _conv_silu(xbc, cache, w_ptr, bias_ptr, b_ch, mn, d_in_proj, t, K)
-        Ct = _conv_silu(xbc, cache, w_ptr, bias_ptr, c_ch, mn, d_in_proj, t, K)
-        dt = _softplus(tl.load(row + t * d_in_proj + d_inner + conv_dim + h).to(tl.float32) + dt_bias)
+        frame = xbc_ptr + (b * L + t) * conv_dim
+        x = tl.load(frame + h * P + rp, mask=mp, other=0.0)
+        Bt = tl.load(frame + d_inner + grp * N + rn, mask=mn, other=0.0)
+        Ct = tl.load(frame + d_inner + (n_groups + grp) * N + rn, mask=mn, other=0.0)
+        dt = tl.load(dt_ptr + (b * L + t) * n_heads + h)
         S = S * tl.exp(dt * A) + (dt * x)[:, None] * Bt[None, :]
         y = tl.sum(S * Ct[None, :], axis=1) + Dh * x
-        tl.store(y_ptr + (b * L + t) * d_inner + x_ch, y, mask=mp)
+        Y = tl.where(tt[None, :] == t, y[:, None], Y)
+    y_mask = mp[:, None] & (tt[None, :] < L)
+    tl.store(y_ptr + (b * L + tt[None, :]) * d_inner + h * P + rp[:, None], Y, mask=y_mask)
     tl.store(state_ptr + s_off, S, mask=s_mask)
-
-
-@triton.jit
-def _shift_conv_cache(
-    xbc_ptr,
-    cache_ptr,
-    conv_dim,
-    row_stride,
-    L: tl.constexpr,
-    K: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """Rewrite a conv cache row (conv_dim, K - 1) to the last K - 1 inputs of cat(old row, L frames of xbc_ptr)."""
-    c = tl.arange(0, BLOCK_C)[:, None]
-    j = tl.arange(0, BLOCK_K)[None, :]
-    src = L + j  # column of cat(old row, frames): < K - 1 is the old row, else frame src - (K - 1)
-    valid = (c < conv_dim) & (j < K - 1)
-    old = tl.load(cache_ptr + c * (K - 1) + src, mask=valid & (src < K - 1), other=0.0)
-    new = tl.load(xbc_ptr + (src - (K - 1)) * row_stride + c, mask=valid & (src >= K - 1), other=0.0)
-    tl.debug_barrier()  # every thread has read the old row before any writes it
-    tl.store(cache_ptr + c * (K - 1) + j, tl.where(src < K - 1, old, new), mask=valid)
 
 
 @triton.jit
@@ -195,34 +231,24 @@ def _step_norm_kernel(
     zx_ptr,
     norm_w_ptr,
     out_ptr,
-    cache_ptr,
-    slots_ptr,
     d_in_proj,
     d_inner,
-    conv_dim,
     eps,
     L: tl.constexpr,
-    K: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr,
 ):
-    """Program b: out[b] = rmsnorm(y[b] * silu(z[b])) * norm_w over d_inner (L rows), and the conv cache shift."""
+    """Program b: out[b] = rmsnorm(y[b] * silu(z[b])) * norm_w over d_inner (L rows)."""
     b = tl.program_id(0)
     t = tl.arange(0, BLOCK_L)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (t < L) & (d < d_inner)
-    row = zx_ptr + b * L * d_in_proj
     y = tl.load(y_ptr + (b * L + t) * d_inner + d, mask=mask, other=0.0)
-    z = tl.load(row + t * d_in_proj + d, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(zx_ptr + (b * L + t) * d_in_proj + d, mask=mask, other=0.0).to(tl.float32)
     gated = y * z * tl.sigmoid(z)
     rstd = tl.rsqrt(tl.sum(gated * gated, axis=1) / d_inner + eps)
     w = tl.load(norm_w_ptr + d, mask=d < d_inner, other=0.0).to(tl.float32)
     tl.store(out_ptr + (b * L + t) * d_inner + d, gated * rstd[:, None] * w, mask=mask)
-
-    slot = tl.load(slots_ptr + b)
-    _shift_conv_cache(row + d_inner, cache_ptr + slot * conv_dim * (K - 1), conv_dim, d_in_proj, L, K, BLOCK_C, BLOCK_K)
 
 
 def _interpreting() -> bool:
@@ -340,16 +366,23 @@ def step(
     zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight = (
         t.contiguous() for t in (zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight)
     )
-    y = torch.empty(b, l, d_inner, device=zxbcdt.device, dtype=torch.float32)
+    f32 = dict(device=zxbcdt.device, dtype=torch.float32)
+    xbc, dt = torch.empty(b, l, conv_dim, **f32), torch.empty(b, l, h, **f32)
+    y = torch.empty(b, l, d_inner, **f32)
     out = torch.empty(b, l, d_inner, device=zxbcdt.device, dtype=zxbcdt.dtype)
-    _step_scan_kernel[(b, h)](
-        zxbcdt, conv_cache, ssm_state, slots, conv_weight, conv_bias, dt_bias, A_log, D, y,
-        d_in_proj, d_inner, conv_dim, h, h // n_groups, n_groups, head_dim, n,
-        L=l, K=k, BLOCK_P=triton.next_power_of_2(head_dim), BLOCK_N=triton.next_power_of_2(n), num_warps=_NUM_WARPS,
+    block_l = triton.next_power_of_2(l)
+    _step_conv_kernel[(b, triton.cdiv(conv_dim, _CONV_BLOCK))](
+        zxbcdt, conv_cache, slots, conv_weight, conv_bias, dt_bias, xbc, dt, d_in_proj, d_inner, conv_dim, h,
+        L=l, K=k, BLOCK_C=_CONV_BLOCK, BLOCK_K=triton.next_power_of_2(k - 1), BLOCK_L=block_l,
+        BLOCK_H=triton.next_power_of_2(h), num_warps=_CONV_WARPS,
+    )  # fmt: skip
+    block_p = min(_SCAN_ROWS, triton.next_power_of_2(head_dim))
+    _step_scan_kernel[(b, h, triton.cdiv(head_dim, block_p))](
+        xbc, dt, ssm_state, slots, A_log, D, y, d_inner, conv_dim, h, h // n_groups, n_groups, head_dim, n,
+        L=l, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(n), BLOCK_L=block_l, num_warps=_SCAN_WARPS,
     )  # fmt: skip
     _step_norm_kernel[(b,)](
-        y, zxbcdt, norm_weight, out, conv_cache, slots, d_in_proj, d_inner, conv_dim, eps,
-        L=l, K=k, BLOCK_L=triton.next_power_of_2(l), BLOCK_D=triton.next_power_of_2(d_inner),
-        BLOCK_C=triton.next_power_of_2(conv_dim), BLOCK_K=triton.next_power_of_2(k - 1), num_warps=_NORM_WARPS,
+        y, zxbcdt, norm_weight, out, d_in_proj, d_inner, eps,
+        L=l, BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d_inner), num_warps=_NORM_WARPS,
     )  # fmt: skip
     return out

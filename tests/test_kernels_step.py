@@ -7,13 +7,20 @@ seed and names it in its failure messages.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
+import kernels.step
 from asr.model import ASRModel, Impl, MambaLayerState, ModelDimensions
 from kernels.step import step, step_ref
 
@@ -118,6 +125,17 @@ def test_odd_sizes() -> None:
     )
 
 
+@pytest.mark.parametrize(("conv_block", "scan_rows"), [(32, 8), (16, 4)])
+def test_several_blocks(monkeypatch: pytest.MonkeyPatch, conv_block: int, scan_rows: int) -> None:
+    """Conv channels and state rows split over several programs (the default model's shapes always do this on
+    the GPU), including a last block that is only partly inside (head_dim 12, conv_dim 44)."""
+    monkeypatch.setattr(kernels.step, "_CONV_BLOCK", conv_block)
+    monkeypatch.setattr(kernels.step, "_SCAN_ROWS", scan_rows)
+    seed = secrets.randbits(32)
+    _check_step(seed, Shapes(n_groups=2), 3, 5, torch.float32, 1e-4)
+    _check_step(seed, Shapes(heads=3, head_dim=12, d_state=4, n_groups=1), 2, 2, torch.float32, 1e-4)
+
+
 def test_chained_steps_equal_one_step() -> None:
     """Steps of random lengths on the pool equal one step_ref over all their frames."""
     seed = secrets.randbits(32)
@@ -215,3 +233,35 @@ def test_gpu_model_shapes(dtype: torch.dtype, b: int, l: int) -> None:
     s = Shapes(heads=8, head_dim=64, d_state=64, n_groups=1)
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
     _check_step(secrets.randbits(32), s, b, l, dtype, tol, device="cuda", pool=96)
+
+
+def compile_for_hopper(frames: int) -> None:
+    """Compile each step kernel for sm_90 at the default model's shapes (run with TRITON_INTERPRET=0)."""
+    consts = {
+        kernels.step._step_conv_kernel: (dict(L=frames, K=4, BLOCK_C=128, BLOCK_K=4, BLOCK_L=frames, BLOCK_H=8), 4),
+        kernels.step._step_scan_kernel: (dict(L=frames, BLOCK_P=16, BLOCK_N=64, BLOCK_L=frames), 2),
+        kernels.step._step_norm_kernel: (dict(L=frames, BLOCK_L=frames, BLOCK_D=512), 8),
+    }
+    bf16 = {"zx_ptr", "cache_ptr", "w_ptr", "bias_ptr", "norm_w_ptr", "out_ptr"}
+    for kernel, (constexprs, warps) in consts.items():
+        names = kernel.arg_names
+        signature = {
+            n: "constexpr" if n in constexprs else "*i64" if n == "slots_ptr" else "*bf16" if n in bf16
+            else "*fp32" if n.endswith("_ptr") else "fp32" if n == "eps" else "i32"
+            for n in names
+        }  # fmt: skip
+        src = ASTSource(kernel, signature, constexprs={(names.index(c),): v for c, v in constexprs.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        if not compiled.asm["cubin"]:
+            raise RuntimeError(f"{kernel.fn.__name__}: no cubin")
+
+
+@pytest.mark.parametrize("frames", [1, 16])
+def test_kernels_compile_for_hopper(frames: int) -> None:
+    """Each step kernel compiles for sm_90 (no GPU needed; ptxas comes with Triton). The interpreter runs the kernels
+    as Python and misses what only Triton's compiler rejects, such as a name rebound to another type in a branch.
+    Compiled in a subprocess: this one interprets (TRITON_INTERPRET=1)."""
+    code = f"import tests.test_kernels_step as t; t.compile_for_hopper({frames})"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
