@@ -15,7 +15,7 @@ then closes. Stream starts are spread evenly over one chunk period. The N stream
 Latencies use time.monotonic(), which all processes share.
 
     python bench/load.py --streams 1 4 8 16 [--model DIR] [--device cpu]
-    python bench/load.py --streams 8 --soak-minutes 30     # constant load; RSS (and GPU memory) after warm-up vs end
+    python bench/load.py --streams 8 --soak-minutes 30     # constant load; RSS (and GPU memory) after a 5-min warm-up vs end
 """
 
 from __future__ import annotations
@@ -406,12 +406,16 @@ def growth(what: str, warm: float, end: float) -> str:
     return f"{what} after warm-up {warm:.0f} MiB, at the end {end:.0f} MiB ({end / warm - 1:+.1%})"
 
 
-def soak(pool: ClientPool, streams: int, minutes: float, pid: int, gpu: str | None) -> None:
-    """Rounds of `streams` streams back to back for `minutes`. RSS and GPU memory after the first round vs the end,
-    and RSS at the half-way round vs the end (a leak keeps growing; an allocator warming up levels off)."""
+def soak(pool: ClientPool, streams: int, minutes: float, warmup: float, pid: int, gpu: str | None) -> None:
+    """Rounds of `streams` streams back to back: `warmup` minutes (at least one round), then `minutes` more. RSS and
+    GPU memory after the warm-up vs the end, and RSS at the half-way round vs the end (a leak keeps growing; an
+    allocator warming up levels off)."""
+    warm_end = time.monotonic() + warmup * 60
+    pool.run(streams, time.monotonic() + START_DELAY_S)
+    while time.monotonic() < warm_end:
+        pool.run(streams, time.monotonic() + START_DELAY_S)
     start = time.monotonic()
     end = start + minutes * 60
-    pool.run(streams, time.monotonic() + START_DELAY_S)
     warm_rss, warm_gpu = proc_sample(pid)[1], gpu_query(gpu).mem_mib if gpu else None
     series = [(time.monotonic() - start, warm_rss)]  # (seconds, RSS MiB) after each round
     while time.monotonic() < end:
@@ -427,7 +431,8 @@ def soak(pool: ClientPool, streams: int, minutes: float, pid: int, gpu: str | No
     )
     gpu_text = growth("GPU memory (nvidia-smi)", warm_gpu, end_gpu) if gpu else "GPU memory n/a"
     print(
-        f"soak: {minutes:g} min, {streams} streams, {rounds} rounds; {growth('RSS', warm_rss, end_rss)}; {gpu_text} "
+        f"soak: {minutes:g} min after {warmup:g} min of warm-up, {streams} streams, {rounds} rounds; "
+        f"{growth('RSS', warm_rss, end_rss)}; {gpu_text} "
         "(target: each within 5 %)",
         flush=True,
     )
@@ -466,6 +471,12 @@ def parse_args() -> argparse.Namespace:
         default=0.0,
         help="then rounds of the last N back to back for this long (default: 0: no soak)",
     )
+    p.add_argument(
+        "--soak-warmup-minutes",
+        type=float,
+        default=5.0,
+        help="soak rounds before the baseline RSS and GPU memory are taken (default: 5; at least one round)",
+    )
     p.add_argument("--no-lm", action="store_true", help="greedy finals (default: the model's LM, if it has one)")
     p.add_argument("--workers", type=positive_int, default=1, help="asr serve --workers (default: 1)")
     p.add_argument("--lm-processes", type=int, default=2, help="asr serve --lm-processes (default: 2)")
@@ -498,7 +509,7 @@ def main() -> None:
                     flush=True,
                 )
             if args.soak_minutes:
-                soak(pool, args.streams[-1], args.soak_minutes, server.proc.pid, gpu)
+                soak(pool, args.streams[-1], args.soak_minutes, args.soak_warmup_minutes, server.proc.pid, gpu)
     finally:
         stop_server(server)
     print_table(rows)
