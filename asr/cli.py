@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from asr import DEFAULT_MODEL_DIR, __version__
 from asr.audio import AudioError
-from asr.checkpoint import ModelLoadError, load_model, save_model
+from asr.checkpoint import ModelLoadError, load_config, load_model, save_model
 from asr.decoding import Segment, SegmenterConfig
 from asr.lm import DECODER_FILE, BeamConfig, BeamSearch, LMError, SegmentRescorer, find_lm
 from asr.model import ASRModel, ModelDimensions
@@ -435,6 +435,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "process feeds a GPU at most a few hundred streams (default 1)",
     )
     p.add_argument(
+        "--step-process",
+        action="store_true",
+        help="with --workers: one more process holds the model and every worker's stream state and runs the "
+        "model steps of all workers batched together, instead of each worker stepping its own streams",
+    )
+    p.add_argument(
         "--lm-processes",
         type=_non_negative_int,
         default=2,
@@ -452,7 +458,8 @@ def build_server(args: argparse.Namespace, plan=None):
 
     device = resolve_device(args.device)
     model_dir = resolve_model_dir(args.model)
-    model, _ = load_model(model_dir, device=device)
+    compute = None if plan is None else plan.compute
+    model, _ = load_model(model_dir, device=device if compute is None else "cpu")  # the step process has the GPU
     search = resolve_lm(args, model_dir)
     server_config = ServerConfig(
         host=args.host,
@@ -475,7 +482,7 @@ def build_server(args: argparse.Namespace, plan=None):
         "device": str(device),
         "decoder": "greedy" if search is None else "lm",
     }
-    return ASRServer(model, device, server_config, info, search)
+    return ASRServer(model, device, server_config, info, search, compute)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -485,6 +492,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError("--tls-cert and --tls-key go together")
     if args.workers > args.max_streams:
         raise CLIError(f"--workers {args.workers} is more than --max-streams {args.max_streams}")
+    if args.step_process and args.workers < 2:
+        raise CLIError("--step-process goes with --workers 2 or more")
     scheme = "wss" if args.tls_cert else "ws"
 
     def ready(port: int) -> None:
@@ -498,9 +507,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from streaming.workers import WorkerError, run_workers
 
-    resolve_model_dir(args.model)  # usage errors here, before any worker starts
+    model_dir = resolve_model_dir(args.model)  # usage errors here, before any worker starts
+    step = None
+    if args.step_process:
+        step = (model_dir, str(resolve_device(args.device)), load_config(model_dir).dims.vocab_size)
     try:
-        code = run_workers(build_server, args, args.workers, ready)
+        code = run_workers(build_server, args, args.workers, ready, step)
     except WorkerError as e:
         raise CLIError(str(e)) from e
     print("drained, bye" if code == 0 else "a worker died; the others were drained", flush=True)

@@ -15,7 +15,7 @@ then closes. Stream starts are spread evenly over one chunk period. The N stream
 Latencies use time.monotonic(), which all processes share.
 
     python bench/load.py --streams 1 4 8 16 [--model DIR] [--device cpu]
-    python bench/load.py --streams 8 --soak-minutes 30     # constant load; RSS (and GPU memory) after a 5-min warm-up vs end
+    python bench/load.py --streams 8 --soak-minutes 30     # constant load: RSS (and GPU memory), warmed up vs end
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ class Row:
     gpu_util: float | None  # mean %, None without a GPU to watch
     gpu_mem_mib: float | None  # max
     exact: int
+    client_cores: float  # CPU of the busiest client process: near 1.0, the clients may be what is slow
 
 
 @dataclass(frozen=True)
@@ -246,9 +247,11 @@ class ClientPool:
 # ---------------------------------------------------------------- server and GPU
 
 
-def start_server(model: Path, device: str, slots: int, lm: bool, workers: int, lm_processes: int) -> Server:
-    serve = ["serve", "--model", str(model), "--port", "0", "--device", device, "--max-streams", str(slots)]
-    serve += ["--workers", str(workers), "--lm-processes", str(lm_processes)] + ([] if lm else ["--no-lm"])
+def start_server(args: argparse.Namespace) -> Server:
+    serve = ["serve", "--model", str(args.model), "--port", "0", "--device", args.device]
+    serve += ["--max-streams", str(args.max_streams), "--workers", str(args.workers)]
+    serve += ["--lm-processes", str(args.lm_processes)] + (["--no-lm"] if args.no_lm else [])
+    serve += ["--step-process"] if args.step_process else []
     stderr = tempfile.TemporaryFile()  # a file, not a pipe: nobody reads it while the server runs
     proc = subprocess.Popen([sys.executable, "-m", "asr", *serve], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr)
     line = proc.stdout.readline().decode()
@@ -362,10 +365,13 @@ def show_differences(stats: list[StreamStats], expected: list[str]) -> int:
 def measure(pool: ClientPool, pid: int, streams: int, expected: list[str], gpu: str | None) -> Row:
     start = time.monotonic() + START_DELAY_S
     cpu0, _ = proc_sample(pid)
+    clients0 = [proc_sample(p.pid)[0] for p in pool.procs]
     with GpuMonitor(gpu) as monitor:
         stats = pool.run(streams, start)
     cpu1, rss = proc_sample(pid)
-    busy = (cpu1 - cpu0) / (time.monotonic() - start)
+    elapsed = time.monotonic() - start
+    busy = (cpu1 - cpu0) / elapsed
+    client_busy = max(proc_sample(p.pid)[0] - c0 for p, c0 in zip(pool.procs, clients0, strict=True)) / elapsed
     partial = [x for s in stats for x in s.partial_latency]
     final = [x for s in stats for x in s.final_latency]
     exact = show_differences(stats, expected)
@@ -381,6 +387,7 @@ def measure(pool: ClientPool, pid: int, streams: int, expected: list[str], gpu: 
         monitor.mean_util(),
         monitor.max_mem(),
         exact,
+        client_busy,
     )
 
 
@@ -391,14 +398,15 @@ def or_na(value: float | None, unit: str) -> str:
 def print_table(rows: list[Row]) -> None:
     print(
         "\n| streams | partial p50 | p95 | p99 | final p50 | p99 | server CPU (cores) | RSS | GPU util | GPU mem "
-        "| transcripts = offline |"
+        "| transcripts = offline | busiest client process (cores) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r.streams} | {r.partial_p50:.0f} ms | {r.partial_p95:.0f} ms | {r.partial_p99:.0f} ms | "
             f"{r.final_p50:.0f} ms | {r.final_p99:.0f} ms | {r.cpu_cores:.2f} | {r.rss_mib:.0f} MiB | "
-            f"{or_na(r.gpu_util, ' %')} | {or_na(r.gpu_mem_mib, ' MiB')} | {r.exact}/{r.streams} |"
+            f"{or_na(r.gpu_util, ' %')} | {or_na(r.gpu_mem_mib, ' MiB')} | {r.exact}/{r.streams} | "
+            f"{r.client_cores:.2f} |"
         )
 
 
@@ -480,6 +488,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-lm", action="store_true", help="greedy finals (default: the model's LM, if it has one)")
     p.add_argument("--workers", type=positive_int, default=1, help="asr serve --workers (default: 1)")
     p.add_argument("--lm-processes", type=int, default=2, help="asr serve --lm-processes (default: 2)")
+    p.add_argument("--step-process", action="store_true", help="asr serve --step-process (with --workers)")
     args = p.parse_args()
     # the kernel spreads connections over workers unevenly: give each worker room for twice its share
     args.max_streams = args.max_streams or max(args.streams) * (2 if args.workers > 1 else 1)
@@ -495,7 +504,7 @@ def main() -> None:
         paths = make_clips(Path(tmp))
         expected = reference_transcripts(paths, args.model, args.device, not args.no_lm)
         clips = [sf.read(c, dtype="float32")[0] for c in paths]
-    server = start_server(args.model, args.device, args.max_streams, not args.no_lm, args.workers, args.lm_processes)
+    server = start_server(args)
     rows = []
     try:
         with ClientPool(args.client_procs, server.url, clips, args.chunk_ms) as pool:
@@ -505,7 +514,8 @@ def main() -> None:
                 rows.append(r)
                 print(
                     f"N={n}: partial p99 {r.partial_p99:.0f} ms, final p99 {r.final_p99:.0f} ms, "
-                    f"cpu {r.cpu_cores:.2f}, gpu {or_na(r.gpu_util, ' %')}, exact {r.exact}/{n}",
+                    f"cpu {r.cpu_cores:.2f}, gpu {or_na(r.gpu_util, ' %')}, exact {r.exact}/{n}, "
+                    f"busiest client {r.client_cores:.2f} cores",
                     flush=True,
                 )
             if args.soak_minutes:

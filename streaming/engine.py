@@ -2,12 +2,13 @@
 
 The event loop only enqueues commands (audio, flush, close) on an `asyncio.Queue`. The batcher
 awaits that queue, takes everything waiting, and runs the compute in its own worker thread:
-resampling, features, then batched steps (`asr.stepper.EncoderStepper`: the fused Triton step
-under CUDA graphs on CUDA, PyTorch on the CPU) over every stream that has a whole encoder frame
-ready, addressing each stream's state by its slot in place, then greedy decoding; with a language
-model, each finished segment is decoded again by its beam search (`asr.lm`), in a pool of worker
-processes (`RescorePool`) so that the batcher never waits for it. Messages for clients go back to
-each stream's asyncio queue through `loop.call_soon_threadsafe`, in order per stream: a stream's
+resampling, features, then batched steps (`streaming.compute`: `asr.stepper.EncoderStepper` in this
+process, the fused Triton step under CUDA graphs on CUDA and PyTorch on the CPU, or the step process
+shared by all workers) over every stream that has a whole encoder frame ready, addressing each
+stream's state by its slot in place, then greedy decoding; with a language model, each finished
+segment is decoded again by its beam search (`asr.lm`), in a pool of worker processes
+(`RescorePool`) so that the batcher never waits for it. Messages for clients go back to each
+stream's asyncio queue through `loop.call_soon_threadsafe`, in order per stream: a stream's
 results wait behind its finals still being decoded. Nothing polls.
 
 Each stream runs exactly the path of `asr transcribe` (same resampler, features, model state and
@@ -30,10 +31,11 @@ import torch
 
 from asr.audio import StreamingResampler
 from asr.decoding import GreedyCTCDecoder, Segment, SegmenterConfig
-from asr.features import ENCODER_FRAME_S, N_MELS, SUBSAMPLING, WINDOW_SAMPLES, Framer, LogMel
+from asr.features import ENCODER_FRAME_S, N_MELS, SUBSAMPLING, WINDOW_SAMPLES, Framer
 from asr.lm import BeamSearch, LMError, RescoreJob, RescorePool, SegmentRescorer
 from asr.model import ASRModel
-from asr.stepper import MAX_GRAPH_FRAMES, EncoderStepper
+from asr.stepper import MAX_GRAPH_FRAMES
+from streaming.compute import Compute, LocalCompute
 from streaming.protocol import StreamOptions
 
 MAX_CHUNK_FRAMES = MAX_GRAPH_FRAMES  # encoder frames (640 ms) per batched step at most
@@ -107,22 +109,22 @@ class Engine:
         search: BeamSearch | None = None,
         token_prefix: str = "",
         rescore_processes: int = 2,
+        compute: Compute | None = None,
     ) -> None:
         """`on_step(seconds, batch)` is called from the batcher thread after each model step. With
         `search`, finals are decoded again with its language model, in `rescore_processes` worker
         processes (0: in the batcher thread). Resume tokens start with `token_prefix` (a server
-        worker's, so that any worker can tell whose stream it is)."""
+        worker's, so that any worker can tell whose stream it is). `compute` (default: `LocalCompute`
+        of `model` on `device`) runs the features and the model steps."""
         self.model = model.eval()
         self.token_prefix = token_prefix
         self.search = search
         self.pool = RescorePool(search, rescore_processes) if search is not None and rescore_processes else None
         self.on_step = on_step
-        self.device = device
         self.max_streams = max_streams
-        self.stepper = EncoderStepper(model, max_streams, device)
-        self.stepper.warmup(range(1, MAX_CHUNK_FRAMES + 1))  # CUDA graphs up front, not mid-stream
+        self.compute = compute if compute is not None else LocalCompute(model, max_streams, device)
+        self.device = self.compute.device  # where features and log-probs come back
         self.free = list(range(max_streams - 1, -1, -1))
-        self.logmel = LogMel().to(device)
         self.streams: dict[str, Stream] = {}  # event-loop side: streams holding a slot
         self._live: dict[str, Stream] = {}  # batcher side: streams whose compute state is set up
         self.queue: asyncio.Queue[Command] = asyncio.Queue()
@@ -199,7 +201,7 @@ class Engine:
         for cmd in commands:
             s = cmd.stream
             if cmd.kind == "reset":
-                self.stepper.reset(s.slot)
+                self.compute.reset(s.slot)
                 s.reset(self.device, self._rescorer())
                 self._live[s.id] = s
             elif cmd.kind == "audio" and not s.closed:
@@ -281,7 +283,7 @@ class Engine:
     def _extract(self, streams: list[Stream]) -> None:
         """Log-mel of all these streams' new frames in one call on the device (bit-identical to per stream)."""
         windows = torch.cat([w for s in streams for w in s.windows]) if streams else torch.zeros(0, WINDOW_SAMPLES)
-        feats = self.logmel.frames(windows.to(self.device, non_blocking=True))
+        feats = self.compute.features(windows)
         counts = [sum(w.shape[0] for w in s.windows) for s in streams]
         for s, f in zip(streams, feats.split(counts), strict=True):
             s.pending = torch.cat([s.pending, f]) if s.pending.shape[0] else f
@@ -308,7 +310,7 @@ class Engine:
         argmax (one transfer from the device; with an LM, of the whole log-probs, which its rescorers keep)
         and returns the segments each completed."""
         start = time.perf_counter()
-        log_probs = self.stepper(feats, [s.slot for s in streams])
+        log_probs = self.compute.step(feats, [s.slot for s in streams])
         if self.search is not None:
             rows = log_probs.float().cpu()
             best_logp, best = rows.max(dim=-1)

@@ -30,6 +30,7 @@ from asr.decoding import Segment
 from asr.lm import BeamSearch
 from asr.model import ASRModel
 from streaming import protocol as P
+from streaming.compute import Compute
 from streaming.engine import CapacityError, Command, Engine, Stream
 
 HANDSHAKE_TIMEOUT_S = 10.0  # websockets' open_timeout: a handshake not done by then has failed
@@ -116,11 +117,19 @@ class Metrics:
 
 class ASRServer:
     def __init__(
-        self, model: ASRModel, device, config: ServerConfig, model_info: dict, search: BeamSearch | None = None
+        self,
+        model: ASRModel,
+        device,
+        config: ServerConfig,
+        model_info: dict,
+        search: BeamSearch | None = None,
+        compute: Compute | None = None,
     ) -> None:
-        """With `search`, every final is decoded again with its language model (partials stay greedy)."""
+        """With `search`, every final is decoded again with its language model (partials stay greedy). `compute`
+        runs the model (default: in this process, on `device`; see streaming.compute)."""
         self.model, self.device, self.config, self.model_info = model, device, config, model_info
         self.search = search
+        self.compute = compute
         self.metrics = Metrics()
         self.sessions: dict[str, Session] = {}  # by resume token
         self.handlers: set[asyncio.Task] = set()
@@ -135,7 +144,9 @@ class ASRServer:
     async def start(self) -> Server:
         c = self.config
         prefix = f"w{c.worker}-" if c.workers > 1 else ""
-        self.engine = Engine(self.model, self.device, c.max_streams, self._on_step, self.search, prefix, c.lm_processes)
+        self.engine = Engine(
+            self.model, self.device, c.max_streams, self._on_step, self.search, prefix, c.lm_processes, self.compute
+        )
         self.engine.start()
         tls = None
         if c.tls_cert is not None:

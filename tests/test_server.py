@@ -386,11 +386,12 @@ def _metric(http: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
-def test_serve_with_workers(tiny_model_dir: Path, tiny_model, speech_wav: Path) -> None:
-    """`asr serve --workers 2`: one port, both workers take streams, /metrics counts both workers' streams,
-    a resume works wherever it lands, and SIGTERM drains every worker."""
+@pytest.mark.parametrize("step_process", [False, True], ids=["own-steps", "step-process"])
+def test_serve_with_workers(tiny_model_dir: Path, tiny_model, speech_wav: Path, step_process: bool) -> None:
+    """`asr serve --workers 2` (with and without `--step-process`): one port, both workers take streams,
+    /metrics counts both workers' streams, finals equal offline, and SIGTERM drains every worker."""
     cmd = [sys.executable, "-m", "asr", "serve", "--model", str(tiny_model_dir), "--port", "0", "--device", "cpu"]
-    cmd += ["--workers", "2", "--max-streams", "8"]
+    cmd += ["--workers", "2", "--max-streams", "8"] + (["--step-process"] if step_process else [])
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))
     )
