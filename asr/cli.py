@@ -510,12 +510,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model)  # usage errors here, before any worker starts
     step = None
     if args.step_process:
-        step = (model_dir, str(resolve_device(args.device)), load_config(model_dir).dims.vocab_size)
+        from streaming.compute import StepSpec
+
+        step = StepSpec(model_dir, str(resolve_device(args.device)), load_config(model_dir).dims.vocab_size)
     try:
         code = run_workers(build_server, args, args.workers, ready, step)
     except WorkerError as e:
         raise CLIError(str(e)) from e
-    print("drained, bye" if code == 0 else "a worker died; the others were drained", flush=True)
+    print("drained, bye" if code == 0 else "a server process died; the workers were stopped", flush=True)
     return code
 
 

@@ -103,7 +103,8 @@ class StepProcessError(Exception):
 
 class RemoteCompute:
     """A worker's side of the step process: one request at a time over `conn`, tensors through `buffers`.
-    Results are CPU tensors that the next request overwrites (the engine uses each before it asks again)."""
+    Results are CPU tensors of their own (copied out of the buffers, which the next request overwrites: the
+    engine keeps log-probs for the language model)."""
 
     device = torch.device("cpu")
 
@@ -126,11 +127,11 @@ class RemoteCompute:
         b, frames = feats.shape[0], feats.shape[1] // SUBSAMPLING
         if frames > MAX_GRAPH_FRAMES:  # several steps, exact (streaming equals offline)
             n = SUBSAMPLING * MAX_GRAPH_FRAMES
-            return torch.cat([self.step(feats[:, i : i + n], slots).clone() for i in range(0, feats.shape[1], n)], 1)
+            return torch.cat([self.step(feats[:, i : i + n], slots) for i in range(0, feats.shape[1], n)], 1)
         self.buffers.step_in[:b, : feats.shape[1]].copy_(feats)
         self.buffers.slots[:b].copy_(torch.tensor(slots, dtype=torch.int64))
         self._ask(("step", b, frames))
-        return self.buffers.step_out[:b, :frames]
+        return self.buffers.step_out[:b, :frames].clone()
 
     def reset(self, slot: int) -> None:
         self._ask(("reset", slot))
@@ -143,6 +144,15 @@ class RemoteCompute:
             raise StepProcessError(f"the step process is gone: {e!r}") from e
         if error is not None:
             raise StepProcessError(error)
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """What `asr serve --step-process` asks for: the model, the device to run it on, its vocabulary size."""
+
+    model_dir: Path
+    device: str
+    vocab_size: int
 
 
 @dataclass(frozen=True)
@@ -209,7 +219,10 @@ def _serve(compute: LocalCompute, plan: StepPlan) -> StepStats:
         start = time.perf_counter()
         errors = _answer(compute, plan, requests, stats)
         for worker, _ in requests:
-            plan.conns[worker].send(errors.get(worker))
+            try:
+                plan.conns[worker].send(errors.get(worker))
+            except OSError:  # the worker died while we worked for it; the others go on
+                open_conns.pop(plan.conns[worker], None)
         stats.rounds += 1
         stats.requests += len(requests)
         stats.busy_s += time.perf_counter() - start

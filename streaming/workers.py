@@ -34,7 +34,7 @@ from pathlib import Path
 
 from prometheus_client import multiprocess
 
-from streaming.compute import RemoteCompute, SharedBuffers, StepPlan, run_step_process
+from streaming.compute import RemoteCompute, SharedBuffers, StepPlan, StepSpec, run_step_process
 
 START_TIMEOUT_S = 600.0  # loading the model and capturing CUDA graphs, per worker
 KILL_AFTER_S = 30.0  # after a process died unasked, how long the others have to drain
@@ -84,10 +84,10 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 
 
 def run_workers(
-    build: Callable, args, count: int, on_ready: Callable[[int], None], step: tuple[Path, str, int] | None = None
+    build: Callable, args, count: int, on_ready: Callable[[int], None], step: StepSpec | None = None
 ) -> int:
-    """Run `count` workers of `build(args, plan) -> ASRServer` on `args.host`/`args.port`; with `step` =
-    (model directory, device, vocabulary size), first the step process that runs their model steps.
+    """Run `count` workers of `build(args, plan) -> ASRServer` on `args.host`/`args.port`; with `step`, first
+    the step process that runs their model steps.
 
     `on_ready(port)` is called once every worker listens. Returns the exit code: 0 after a drain,
     1 if a worker or the step process died on its own.
@@ -134,13 +134,12 @@ def run_workers(
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous_env
 
 
-def _start_step_process(ctx, step: tuple[Path, str, int], count: int, per_worker: int):
+def _start_step_process(ctx, step: StepSpec, count: int, per_worker: int):
     """Start the step process and wait until it has its model and graphs; returns it and each worker's
     RemoteCompute (whose pipe end the parent closes once that worker has started)."""
-    model_dir, device, vocab = step
     pairs = [ctx.Pipe() for _ in range(count)]
-    buffers = [SharedBuffers.allocate(per_worker, vocab) for _ in range(count)]
-    plan = StepPlan(model_dir, device, per_worker, [theirs for theirs, _ in pairs], buffers)
+    buffers = [SharedBuffers.allocate(per_worker, step.vocab_size) for _ in range(count)]
+    plan = StepPlan(step.model_dir, step.device, per_worker, [theirs for theirs, _ in pairs], buffers)
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=run_step_process, args=(plan, send), name="asr-serve-steps")
     proc.start()

@@ -14,7 +14,7 @@ import torch
 import streaming.workers
 from asr.features import N_MELS, WINDOW_SAMPLES, LogMel
 from asr.stepper import EncoderStepper
-from streaming.compute import LocalCompute, SharedBuffers, StepPlan, _answer
+from streaming.compute import LocalCompute, SharedBuffers, StepPlan, StepSpec, _answer
 
 SLOTS = 3  # per worker
 
@@ -102,3 +102,31 @@ def test_a_dead_step_process_stops_the_server(worker, monkeypatch) -> None:
     assert streaming.workers._supervise(workers, stepper) == 1
     assert time.monotonic() - start < 30
     assert all(not p.is_alive() for p in [*workers, stepper])
+
+
+def test_remote_compute_through_a_real_step_process(tiny_model, tiny_model_dir) -> None:
+    """A worker's RemoteCompute against a spawned step process: features and steps equal local ones, a result
+    stays as it was after the next request (the buffers are reused; the language model keeps log-probs), chunks
+    longer than a graph are split exactly, and the process ends once its worker hangs up."""
+    ctx = mp.get_context("spawn")
+    proc, (remote,) = streaming.workers._start_step_process(
+        ctx, StepSpec(tiny_model_dir, "cpu", tiny_model.dims.vocab_size), count=1, per_worker=2
+    )
+    try:
+        local = LocalCompute(tiny_model, 2, torch.device("cpu"))
+        windows = torch.randn(7, WINDOW_SAMPLES, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(remote.features(windows), local.features(windows), rtol=0, atol=0)
+        gen = torch.Generator().manual_seed(2)
+        chunks = [torch.randn(2, 4 * frames, N_MELS, generator=gen) * 3 - 8 for frames in (3, 20)]
+        first = remote.step(chunks[0], [1, 0])
+        kept = first.clone()
+        second = remote.step(chunks[1], [1, 0])
+        torch.testing.assert_close(first, kept, rtol=0, atol=0)
+        expected = [local.step(c, [1, 0]) for c in chunks]
+        torch.testing.assert_close(first, expected[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(second, expected[1], rtol=1e-5, atol=1e-5)
+        assert second.shape[1] == 20
+    finally:
+        remote.conn.close()
+        proc.join(30)
+    assert proc.exitcode == 0
