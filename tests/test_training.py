@@ -26,8 +26,8 @@ from training.state import latest_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config(tmp_path: Path, corpus: Path, name: str = "run", **run) -> Path:
-    """A tiny CPU training config over the test corpus; returns the TOML path."""
+def _config(tmp_path: Path, corpus: Path, name: str = "run", workers: int = 0, **run) -> Path:
+    """A tiny CPU training config over the test corpus (`workers` loader processes); returns the TOML path."""
     dims = ", ".join(f"{k} = {v}" for k, v in TINY.to_dict().items())
     run_items = {
         "out_dir": str(tmp_path / name),
@@ -46,7 +46,7 @@ def _config(tmp_path: Path, corpus: Path, name: str = "run", **run) -> Path:
 train = [{{ path = "{corpus / "train.jsonl"}" }}]
 dev = [{{ path = "{corpus / "train.jsonl"}" }}]
 max_batch_seconds = 9.0
-num_workers = 0
+num_workers = {workers}
 dev_limit = 3
 max_ctc_density = 1.0
 [optim]
@@ -127,13 +127,18 @@ def test_spec_augment_masks() -> None:
     assert torch.equal(out, again)
 
 
-def test_resume_is_exact(tmp_path: Path, tiny_corpus: Path) -> None:
-    straight = train(load_config(_config(tmp_path, tiny_corpus, "a")), progress=False)
-    cfg_b = load_config(_config(tmp_path, tiny_corpus, "b"))
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "2-loader-workers"])
+def test_resume_is_exact(tmp_path: Path, tiny_corpus: Path, workers: int) -> None:
+    """14 steps straight equal 5 steps, then a resume for 9 more; the 14 steps run through several epochs of the
+    tiny corpus, and with loader workers one loader serves them all."""
+    straight = train(load_config(_config(tmp_path, tiny_corpus, "a", workers)), progress=False)
+    cfg_b = load_config(_config(tmp_path, tiny_corpus, "b", workers))
     first = train(cfg_b, progress=False, until_step=5)
     assert first.step == 5
     second = train(cfg_b, resume=tmp_path / "b", progress=False)
     assert straight.step == second.step == 14
+    epochs = [int(line.split(",")[1]) for line in (tmp_path / "b" / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs[-1] >= 2, f"the run should cross epochs: {epochs}"
     a, b = _weights(straight.last_checkpoint), _weights(second.last_checkpoint)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
     metrics = (tmp_path / "b" / "metrics.csv").read_text().splitlines()

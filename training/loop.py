@@ -1,11 +1,14 @@
 """The training loop: read it top to bottom in `train()`.
 
 One process per device. Under torchrun (WORLD_SIZE > 1) it runs DDP: every rank builds the
-same epoch plan and takes every WORLD_SIZE-th batch; rank 0 logs, evaluates and saves.
+same epoch plan and takes every WORLD_SIZE-th batch; rank 0 logs, evaluates and saves. One data
+loader serves the whole run (its worker processes stay up across epochs); the position saved in a
+checkpoint is (epoch, batch), and a resumed run continues from exactly there.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -14,7 +17,7 @@ import random
 import re
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,6 +294,36 @@ class _Stop:
         self.requested = True
 
 
+class EpochDataset(torch.utils.data.Dataset):
+    """Utterances addressed by (epoch, index into that epoch's `epoch_plan`), so that one loader can run through
+    many epochs: item (e, i) is item i of a `SpeechDataset` over epoch e's utterances at epoch e (the same audio,
+    augmentation and tokens as before)."""
+
+    def __init__(self, data: TrainData, cfg: TrainConfig, augment, load) -> None:
+        self.data, self.cfg, self.augment, self.load = data, cfg, augment, load
+        self._epochs: dict[int, SpeechDataset] = {}  # the last two epochs this process read
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[str, torch.Tensor, list[int]] | None:
+        epoch, index = key
+        if epoch not in self._epochs:
+            utts, _ = epoch_plan(self.data, self.cfg, epoch)
+            dataset = SpeechDataset(utts, Tokenizer(), self.augment, seed=self.cfg.run.seed, load=self.load)
+            dataset.epoch = epoch
+            self._epochs = {e: d for e, d in self._epochs.items() if e == epoch - 1} | {epoch: dataset}
+        return self._epochs[epoch][index]
+
+
+class _Keys:
+    """The loader's batch sampler: `Trainer._plan`'s batches as lists of EpochDataset keys."""
+
+    def __init__(self, trainer: Trainer, start: tuple[int, int]) -> None:
+        self.trainer, self.start = trainer, start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for epoch, _, indices in self.trainer._plan(*self.start):
+            yield [(epoch, i) for i in indices]
+
+
 class Trainer:
     """One training run. `run()` is the loop; each other method is one part of a step."""
 
@@ -351,29 +384,37 @@ class Trainer:
             (self.run_dir / "data.json").write_text(summary + "\n")
             tqdm.write(f"training data: {summary}")
         last_step = min(self.cfg.optim.max_steps, until_step or self.cfg.optim.max_steps)
+        start = (self.state.epoch, self.state.batch)
         with _Stop() as stop:
-            while self.state.step < last_step and not stop.requested:
-                for batch in self._loader():
+            if self.state.step < last_step:
+                for (epoch, index, _), batch in zip(self._plan(*start), self._loader(start), strict=False):
+                    self.state.epoch, self.state.batch = epoch, index
                     self._step(batch)
                     done = self.state.step >= last_step or stop.requested
                     self._report(save=done)
                     if done:
                         break
-                else:
-                    self.state.epoch += 1
-                    self.state.batch = 0
         self._close()
         return TrainResult(self.state.step, self.state.best_wer, self.last_ckpt, self.run_dir)
 
-    def _loader(self) -> torch.utils.data.DataLoader:
-        """This rank's remaining batches of the current epoch (resumes mid-epoch)."""
-        utts, batches = epoch_plan(self.data, self.cfg, self.state.epoch)
-        mine = batches[self.d.rank :: self.d.world][: len(batches) // self.d.world]  # equal count on every rank
-        dataset = SpeechDataset(utts, Tokenizer(), self.augment, seed=self.cfg.run.seed, load=self.load)
-        dataset.epoch = self.state.epoch
+    def _plan(self, epoch: int, batch: int) -> Iterator[tuple[int, int, list[int]]]:
+        """(epoch, batch index, utterance indices) of this rank's batches from (epoch, batch) on, epoch after
+        epoch (each rank takes every WORLD_SIZE-th batch of the epoch, the same number on every rank)."""
+        for e in itertools.count(epoch):
+            _, batches = epoch_plan(self.data, self.cfg, e)
+            mine = batches[self.d.rank :: self.d.world][: len(batches) // self.d.world]
+            if not mine:
+                raise DataError(f"epoch {e} has {len(batches)} batches: too few for {self.d.world} rank(s)")
+            for j in range(batch if e == epoch else 0, len(mine)):
+                yield e, j, mine[j]
+
+    def _loader(self, start: tuple[int, int]) -> torch.utils.data.DataLoader:
+        """This rank's batches from `start` (epoch, batch) on, through one loader for the whole run: its worker
+        processes stay up and keep loading across epoch boundaries."""
+        dataset = EpochDataset(self.data, self.cfg, self.augment, self.load)
         return torch.utils.data.DataLoader(
             dataset,
-            batch_sampler=mine[self.state.batch :],
+            batch_sampler=_Keys(self, start),
             collate_fn=collate,
             num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
