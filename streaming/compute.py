@@ -101,6 +101,32 @@ class StepProcessError(Exception):
     """The step process answered a request with an error, or is gone."""
 
 
+@dataclass(frozen=True)
+class Reset:
+    """Zero the worker's slot `slot`."""
+
+    slot: int
+
+
+@dataclass(frozen=True)
+class Features:
+    """Log-mel of the first `rows` rows of the worker's `windows` buffer, into its `feats` buffer."""
+
+    rows: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of `frames` encoder frames for the first `batch` rows of the worker's `step_in` and `slots`
+    buffers, log-probs into its `step_out` buffer."""
+
+    batch: int
+    frames: int
+
+
+Request = Reset | Features | Step
+
+
 class RemoteCompute:
     """A worker's side of the step process: one request at a time over `conn`, tensors through `buffers`.
     Results are CPU tensors of their own (copied out of the buffers, which the next request overwrites: the
@@ -119,7 +145,7 @@ class RemoteCompute:
         for piece in windows.split(WINDOW_ROWS):
             n = piece.shape[0]
             self.buffers.windows[:n].copy_(piece)
-            self._ask(("features", n))
+            self._ask(Features(n))
             parts.append(self.buffers.feats[:n].clone())
         return torch.cat(parts)
 
@@ -130,13 +156,13 @@ class RemoteCompute:
             return torch.cat([self.step(feats[:, i : i + n], slots) for i in range(0, feats.shape[1], n)], 1)
         self.buffers.step_in[:b, : feats.shape[1]].copy_(feats)
         self.buffers.slots[:b].copy_(torch.tensor(slots, dtype=torch.int64))
-        self._ask(("step", b, frames))
+        self._ask(Step(b, frames))
         return self.buffers.step_out[:b, :frames].clone()
 
     def reset(self, slot: int) -> None:
-        self._ask(("reset", slot))
+        self._ask(Reset(slot))
 
-    def _ask(self, request: tuple) -> None:
+    def _ask(self, request: Request) -> None:
         try:
             self.conn.send(request)
             error = self.conn.recv()
@@ -210,7 +236,7 @@ def _serve(compute: LocalCompute, plan: StepPlan) -> StepStats:
     stats = StepStats()
     open_conns = {conn: i for i, conn in enumerate(plan.conns)}
     while open_conns:
-        requests: list[tuple[int, tuple]] = []
+        requests: list[tuple[int, Request]] = []
         for conn in wait(list(open_conns)):
             try:
                 requests.append((open_conns[conn], conn.recv()))
@@ -230,7 +256,7 @@ def _serve(compute: LocalCompute, plan: StepPlan) -> StepStats:
 
 
 def _answer(
-    compute: LocalCompute, plan: StepPlan, requests: list[tuple[int, tuple]], stats: StepStats | None = None
+    compute: LocalCompute, plan: StepPlan, requests: list[tuple[int, Request]], stats: StepStats | None = None
 ) -> dict[int, str]:
     """Run one round of requests; returns an error message by worker for the requests that failed."""
     stats = stats if stats is not None else StepStats()
@@ -238,13 +264,16 @@ def _answer(
     feature_rows: list[tuple[int, int]] = []
     steps: dict[int, list[tuple[int, int]]] = defaultdict(list)  # frames -> [(worker, batch)]
     for worker, request in requests:
-        kind, *args = request
-        if kind == "reset" and 0 <= args[0] < plan.slots_per_worker:
-            compute.reset(worker * plan.slots_per_worker + args[0])
-        elif kind == "features" and 0 < args[0] <= WINDOW_ROWS:
-            feature_rows.append((worker, args[0]))
-        elif kind == "step" and 0 < args[0] <= plan.slots_per_worker and 0 < args[1] <= MAX_GRAPH_FRAMES:
-            steps[args[1]].append((worker, args[0]))
+        if isinstance(request, Reset) and 0 <= request.slot < plan.slots_per_worker:
+            compute.reset(worker * plan.slots_per_worker + request.slot)
+        elif isinstance(request, Features) and 0 < request.rows <= WINDOW_ROWS:
+            feature_rows.append((worker, request.rows))
+        elif (
+            isinstance(request, Step)
+            and 0 < request.batch <= plan.slots_per_worker
+            and 0 < request.frames <= MAX_GRAPH_FRAMES
+        ):
+            steps[request.frames].append((worker, request.batch))
         else:
             errors[worker] = f"bad request {request!r}"
     start = time.perf_counter()

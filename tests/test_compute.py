@@ -14,7 +14,7 @@ import torch
 import streaming.workers
 from asr.features import N_MELS, WINDOW_SAMPLES, LogMel
 from asr.stepper import EncoderStepper
-from streaming.compute import LocalCompute, SharedBuffers, StepPlan, StepSpec, _answer
+from streaming.compute import Features, LocalCompute, Reset, SharedBuffers, Step, StepPlan, StepSpec, _answer
 
 SLOTS = 3  # per worker
 
@@ -38,7 +38,7 @@ def test_one_step_for_the_requests_of_all_workers(tiny_model, monkeypatch) -> No
     for w, (f, slots) in enumerate(zip(feats, [[2, 0], [1, 2]], strict=True)):
         plan.buffers[w].step_in[:2, :8].copy_(f)
         plan.buffers[w].slots[:2].copy_(torch.tensor(slots))
-        requests.append((w, ("step", 2, 2)))
+        requests.append((w, Step(2, 2)))
     for _ in range(2):  # twice: the second step starts from the state the first left in each slot
         assert _answer(compute, plan, requests) == {}
     assert calls == [[2, 0, 4, 5]] * 2
@@ -63,7 +63,7 @@ def test_features_resets_and_bad_requests(tiny_model) -> None:
     with torch.inference_mode():
         for t in compute.stepper.pool.tensors():
             t.fill_(1.0)
-    requests = [(0, ("features", 5)), (1, ("features", 3)), (1, ("reset", 1)), (0, ("step", 9, 1))]
+    requests = [(0, Features(5)), (1, Features(3)), (1, Reset(1)), (0, Step(9, 1))]
     errors = _answer(compute, plan, requests)
     assert list(errors) == [0] and "bad request" in errors[0]
     for w, win in enumerate(windows):
