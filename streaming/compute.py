@@ -1,5 +1,5 @@
 """Where a server's model compute runs: in the worker itself (`LocalCompute`) or in one step process that
-serves every worker of `asr serve --workers N --step-process` (`StepProcess`, `RemoteCompute`).
+serves every worker of `asr serve --workers N --step-process` (`run_step_process`, `RemoteCompute`).
 
 A worker's engine needs three things: log-mel features of framed audio, one batched step of the encoder over
 some of its state slots, and a slot reset at the start of a stream. `LocalCompute` does them on the worker's own
