@@ -47,12 +47,31 @@ def _power(x: torch.Tensor) -> torch.Tensor:
     return x.square().mean().clamp_min(1e-10)
 
 
+def fast_fft_len(n: int) -> int:
+    """The smallest 5-smooth length (2^a 3^b 5^c) >= n: FFTs of such lengths are fast, while an utterance's own
+    length can be a large prime (an FFT of 86,011 samples took 10x as long as one of 86,016)."""
+    best = 1 << max(0, n - 1).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
 def colored_noise(n: int, exponent: float, rng: Rng) -> torch.Tensor:
-    """Gaussian noise with a 1/f^exponent power spectrum: 0 white, 1 pink, 2 brown."""
-    spectrum = np.fft.rfft(rng.standard_normal(n))
-    freqs = np.fft.rfftfreq(n)
-    freqs[0] = freqs[1] if n > 1 else 1.0
-    noise = np.fft.irfft(spectrum / freqs ** (exponent / 2), n)
+    """Gaussian noise with a 1/f^exponent power spectrum: 0 white, 1 pink, 2 brown. Made at a fast FFT length
+    and cut to n."""
+    m = fast_fft_len(n)
+    spectrum = np.fft.rfft(rng.standard_normal(m))
+    freqs = np.fft.rfftfreq(m)
+    freqs[0] = freqs[1] if m > 1 else 1.0
+    noise = np.fft.irfft(spectrum / freqs ** (exponent / 2), m)[:n]
     return torch.from_numpy(noise.astype(np.float32))
 
 
@@ -89,8 +108,9 @@ def room_impulse_response(rt60: float, rng: Rng, length_s: float | None = None) 
 
 
 def reverberate(audio: torch.Tensor, rir: torch.Tensor) -> torch.Tensor:
-    """Convolve with `rir`, keep the original length and peak level."""
-    wet = AF.fftconvolve(audio, rir)[: audio.numel()]
+    """Convolve with `rir`, keep the original length and peak level (FFT convolution at a fast length)."""
+    m = fast_fft_len(audio.numel() + rir.numel() - 1)
+    wet = torch.fft.irfft(torch.fft.rfft(audio, m) * torch.fft.rfft(rir, m), m)[: audio.numel()]
     return wet * (audio.abs().max() / wet.abs().max().clamp_min(1e-8))
 
 

@@ -9,6 +9,7 @@ from asr.augment import (
     babble,
     codec_round_trip,
     colored_noise,
+    fast_fft_len,
     reverberate,
     room_impulse_response,
     speed_perturb,
@@ -54,6 +55,32 @@ def test_noise_colours_have_their_slopes() -> None:
     rng = np.random.default_rng(1)
     low = [_band_energy(colored_noise(N, e, rng), 0, 1000) for e in (0.0, 1.0, 2.0)]
     assert low[0] < low[1] < low[2] and low[0] == pytest.approx(1000 / 8000, abs=0.02)
+
+
+def test_fast_fft_len_is_the_next_5_smooth_number() -> None:
+    def smooth(m: int) -> bool:
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        return m == 1
+
+    for n in [*range(1, 3000), 86011, 99991, 1_000_003]:
+        m = fast_fft_len(n)
+        assert m >= n and smooth(m) and not any(smooth(k) for k in range(n, m)), n
+
+
+def test_reverb_and_noise_at_a_prime_length() -> None:
+    """Utterance lengths are arbitrary (the FFTs run at a padded fast length): reverb equals the direct
+    convolution, and noise keeps its length and colour."""
+    n, rng = 32003, np.random.default_rng(3)  # a prime
+    audio = torch.from_numpy(bursty_audio(n / 16000, seed=4))[:n]
+    rir = room_impulse_response(0.3, rng)
+    direct = torch.from_numpy(np.convolve(audio.double().numpy(), rir.double().numpy())[:n])
+    direct = direct * (audio.abs().max() / direct.abs().max())
+    out = reverberate(audio, rir)
+    assert out.shape == (n,) and ((out.double() - direct).norm() / direct.norm()).item() < 1e-5
+    low = [_band_energy(colored_noise(n, e, rng), 0, 1000) for e in (0.0, 2.0)]
+    assert low[0] == pytest.approx(1000 / 8000, abs=0.02) and low[1] > 0.5
 
 
 def test_babble_is_a_sum_of_other_speech() -> None:
