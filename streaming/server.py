@@ -138,6 +138,7 @@ class ASRServer:
         self.relay_server: Server | None = None
         self.draining = False
         self._reserved: dict[ServerConnection, float] = {}  # handshakes holding a slot -> since (monotonic)
+        self._overflowed: dict[ServerConnection, ClientConnection] = {}  # accepted for another worker's slot
 
     # ------------------------------------------------------------ lifecycle
 
@@ -167,7 +168,8 @@ class ASRServer:
             self.relay_server = await unix_serve(
                 self._handle,
                 str(relay_socket(c.relay_dir, c.worker)),
-                process_request=self._process_request,
+                process_request=self._process_relayed,
+                process_response=self._process_response,
                 open_timeout=HANDSHAKE_TIMEOUT_S,
                 max_size=c.max_message_bytes,
             )
@@ -211,7 +213,25 @@ class ASRServer:
         self.metrics.rejected.labels(reason=reason).inc()
         return connection.respond(status, why + "\n")
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Health, metrics, then the checks of a stream's handshake. A new stream on a worker whose slots are
+        all taken goes to another worker with room (`_overflow`); HTTP 503 only if every worker is full."""
+        refused = self._admit(connection, request)
+        if refused is not None or not _needs_slot(request) or self._reserve(connection):
+            return refused
+        if self.config.workers > 1 and await self._overflow(connection, request):
+            return None
+        return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "capacity", "all stream slots are busy")
+
+    def _process_relayed(self, connection: ServerConnection, request: Request) -> Response | None:
+        """A handshake passed on by another worker (a resume, or an overflow): no further overflow."""
+        refused = self._admit(connection, request)
+        if refused is not None or not _needs_slot(request) or self._reserve(connection):
+            return refused
+        return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "capacity", "all stream slots are busy")
+
+    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        """The response to a request that gets no stream (health, metrics, refusals), else None."""
         path = request.path.split("?", 1)[0]
         if path == P.HEALTH_PATH:
             if self.engine.failure is not None:
@@ -230,14 +250,33 @@ class ASRServer:
             return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining", "server is shutting down")
         if path == P.STREAM_PATH:
             try:
-                params = P.parse_stream_url(request.path)
+                P.parse_stream_url(request.path)
             except P.ProtocolError as e:
                 return self._refuse(connection, HTTPStatus.BAD_REQUEST, "bad_params", e.message)
-            if params.resume_token is not None:
-                return None  # a resume takes no new slot
-        if not self._reserve(connection):
-            return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "capacity", "all stream slots are busy")
         return None
+
+    async def _overflow(self, connection: ServerConnection, request: Request) -> bool:
+        """Open the stream on the first other worker with a free slot (through its relay socket), to be passed
+        through by `_handle`; False if every other worker is full too."""
+        c = self.config
+        for worker in [(c.worker + i) % c.workers for i in range(1, c.workers)]:
+            try:
+                self._overflowed[connection] = await self._connect_worker(worker, request)
+                return True
+            except (OSError, InvalidHandshake, TimeoutError):  # full (503), draining or gone: try the next
+                continue
+        return False
+
+    async def _connect_worker(self, worker: int, request: Request) -> ClientConnection:
+        """A WebSocket connection to another worker's relay socket with this request's path and credentials."""
+        headers = [(k, v) for k, v in request.headers.raw_items() if k.lower() in _RELAYED_HEADERS]
+        return await unix_connect(
+            str(relay_socket(self.config.relay_dir, worker)),
+            uri=f"ws://localhost{request.path}",
+            additional_headers=headers,
+            max_size=self.config.max_message_bytes,
+            open_timeout=HANDSHAKE_TIMEOUT_S,
+        )
 
     def _reserve(self, connection: ServerConnection) -> bool:
         """Hold a slot for an accepted handshake until its handler opens the stream, so that concurrent
@@ -255,6 +294,9 @@ class ASRServer:
     def _process_response(self, connection: ServerConnection, request: Request, response: Response) -> None:
         if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
             self._reserved.pop(connection, None)
+            upstream = self._overflowed.pop(connection, None)
+            if upstream is not None:  # the client's handshake failed after all: give the other worker its slot back
+                asyncio.get_running_loop().create_task(upstream.close())
 
     def _authorized(self, request: Request) -> bool:
         header = request.headers.get("Authorization", "")
@@ -281,7 +323,10 @@ class ASRServer:
         task = asyncio.current_task()
         self.handlers.add(task)
         try:
-            if connection.request.path.startswith(P.VOSK_PATH):
+            upstream = self._overflowed.pop(connection, None)
+            if upstream is not None:
+                await _pipe(connection, upstream)
+            elif connection.request.path.startswith(P.VOSK_PATH):
                 await self._vosk(connection)
             else:
                 await self._native(connection, P.parse_stream_url(connection.request.path))
@@ -353,21 +398,13 @@ class ASRServer:
     async def _relay(self, client: ServerConnection, worker: int) -> None:
         """A resume of another worker's stream: connect to that worker and pass messages both ways
         until either side closes; the other side is closed with the same code and reason."""
-        headers = [(k, v) for k, v in client.request.headers.raw_items() if k.lower() in _RELAYED_HEADERS]
         try:
-            upstream = await unix_connect(
-                str(relay_socket(self.config.relay_dir, worker)),
-                uri=f"ws://localhost{client.request.path}",
-                additional_headers=headers,
-                max_size=self.config.max_message_bytes,
-                open_timeout=HANDSHAKE_TIMEOUT_S,
-            )
+            upstream = await self._connect_worker(worker, client.request)
         except (OSError, InvalidHandshake, TimeoutError) as e:
             await client.send(P.error(P.ERR_BAD_RESUME, f"the stream's worker {worker} cannot be reached: {e}"))
             await client.close(P.CLOSE_BAD_RESUME, "bad resume token")
             return
-        async with upstream:
-            await asyncio.gather(_pass_on(client, upstream), _pass_on(upstream, client))
+        await _pipe(client, upstream)
 
     async def _attach(self, connection: ServerConnection, params: P.StreamParams) -> Session | None:
         if params.resume_token is None:
@@ -485,6 +522,20 @@ class ASRServer:
         self.engine.submit(Command(stream, kind))
         finals, _, _ = await session.replies.get()
         return P.vosk_result(finals), kind == "close"
+
+
+def _needs_slot(request: Request) -> bool:
+    """Whether a handshake that passed `_admit` opens a new stream (a native stream that is not a resume, or Vosk)."""
+    path = request.path.split("?", 1)[0]
+    if path == P.STREAM_PATH:
+        return P.parse_stream_url(request.path).resume_token is None
+    return path == P.VOSK_PATH
+
+
+async def _pipe(client: ServerConnection, upstream: ClientConnection) -> None:
+    """Pass messages both ways until either side closes; the other side is closed with the same code and reason."""
+    async with upstream:
+        await asyncio.gather(_pass_on(client, upstream), _pass_on(upstream, client))
 
 
 async def _pass_on(source: ServerConnection | ClientConnection, sink: ServerConnection | ClientConnection) -> None:

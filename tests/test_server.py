@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import signal
@@ -70,7 +71,8 @@ class RunningServer:
 
 
 async def _as_coro(fn):
-    return fn()
+    result = fn()
+    return await result if inspect.isawaitable(result) else result
 
 
 @pytest.fixture
@@ -309,7 +311,11 @@ def test_accepted_handshakes_hold_their_slots(server) -> None:
     at once, instead of being accepted and then closed when its handler finds no slot."""
     request = Request(f"{P.STREAM_PATH}?sample_rate=16000", Headers())
     pending = [_Handshake() for _ in range(4)]
-    answers = server.call(lambda: [server.server._process_request(c, request) for c in pending])
+
+    async def handshakes() -> list:
+        return [await server.server._process_request(c, request) for c in pending]
+
+    answers = server.call(handshakes)
     assert answers[:3] == [None] * 3 and answers[3].status_code == 503
     accepted = Response(101, "Switching Protocols", Headers())
     server.call(lambda: [server.server._process_response(c, request, accepted) for c in pending[:2]])
@@ -376,6 +382,38 @@ def test_resume_reaching_another_worker_is_passed_on(tiny_model, speech_wav: Pat
                 with pytest.raises(ConnectionClosed) as closed:
                     ws.recv()
                 assert closed.value.rcvd.code == P.CLOSE_BAD_RESUME
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_a_full_worker_passes_new_streams_to_one_with_room(tiny_model, speech_wav: Path, tmp_path: Path) -> None:
+    """Two workers of one slot each: a new stream reaching the full worker runs on the other one (its resume
+    token names that worker), finals equal offline; with both full, the handshake gets HTTP 503."""
+    workers = [
+        RunningServer(tiny_model, ServerConfig(port=0, max_streams=1, worker=i, workers=2, relay_dir=tmp_path))
+        for i in range(2)
+    ]
+    try:
+        samples, rate = _audio(speech_wav)
+        native = f"{workers[0].url}{P.STREAM_PATH}?sample_rate={rate}&encoding=f32le"
+        with connect(native) as first:
+            assert json.loads(first.recv())["resume_token"].startswith("w0-")
+            with connect(native) as second:
+                assert json.loads(second.recv())["resume_token"].startswith("w1-")
+                for i in range(0, len(samples), 4000):
+                    second.send(P.encode_audio(samples[i : i + 4000], "f32le"))
+                second.send(json.dumps({"type": "close"}))
+                finals = [m for m in map(json.loads, second) if m["type"] == "final"]
+                assert second.protocol.close_code == P.CLOSE_NORMAL
+            assert _strip(finals) == _offline(tiny_model, speech_wav)
+            assert workers[0].call(lambda: workers[0].server.engine.stats.audio_seconds) == 0  # ran on worker 1
+            with connect(f"{workers[1].url}{P.STREAM_PATH}?sample_rate={rate}") as third:  # worker 1 full now
+                assert json.loads(third.recv())["resume_token"].startswith("w1-")
+                for url in (workers[0].url, workers[1].url):
+                    with pytest.raises(InvalidStatus) as refused:
+                        connect(f"{url}{P.STREAM_PATH}?sample_rate={rate}")
+                    assert refused.value.response.status_code == 503
     finally:
         for w in workers:
             w.stop()
