@@ -74,12 +74,13 @@ class EncoderStepper:
         """(batch bucket, frames) of every graph captured so far."""
         return sorted(self._captured)
 
-    def reset(self, slot: int) -> None:
-        """Zero one slot's state: the start of a new stream."""
-        self._check_slots([slot])
+    def reset(self, slots: Sequence[int]) -> None:
+        """Zero these slots' state: the start of new streams."""
+        self._check_slots(slots)
+        rows = torch.tensor(list(slots), dtype=torch.int64, device=self.device)
         with torch.inference_mode():
             for t in self.pool.tensors():
-                t[slot].zero_()
+                t.index_fill_(0, rows, 0)
 
     @torch.inference_mode()
     def __call__(self, feats: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:

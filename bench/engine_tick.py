@@ -44,7 +44,7 @@ class NoModel:
         out[..., 0] = 0.0
         return out
 
-    def reset(self, slot: int) -> None:
+    def reset(self, slots: list[int]) -> None:
         pass
 
 

@@ -451,7 +451,7 @@ def stream_latency(model: ASRModel, system: str, steps: int, device: torch.devic
     feats = torch.randn(1, SUBSAMPLING, N_MELS, device=device)
     for _ in range(warmup):
         stepper(feats, [0])
-    stepper.reset(0)
+    stepper.reset([0])
     sync(device)
     times = np.empty(steps)
     for i in range(steps):

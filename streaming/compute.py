@@ -50,8 +50,8 @@ class Compute(Protocol):
     def step(self, feats: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """feats (B, 4 L, N_MELS) of the streams in `slots` -> log-probs (B, L, V) float32, advancing them."""
 
-    def reset(self, slot: int) -> None:
-        """Zero one slot's state: the start of a new stream."""
+    def reset(self, slots: list[int]) -> None:
+        """Zero these slots' state: the start of new streams."""
 
 
 class LocalCompute:
@@ -69,8 +69,8 @@ class LocalCompute:
     def step(self, feats: torch.Tensor, slots: list[int]) -> torch.Tensor:
         return self.stepper(feats, slots)
 
-    def reset(self, slot: int) -> None:
-        self.stepper.reset(slot)
+    def reset(self, slots: list[int]) -> None:
+        self.stepper.reset(slots)
 
 
 @dataclass
@@ -103,9 +103,9 @@ class StepProcessError(Exception):
 
 @dataclass(frozen=True)
 class Reset:
-    """Zero the worker's slot `slot`."""
+    """Zero the worker's slots `slots`."""
 
-    slot: int
+    slots: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,8 @@ class RemoteCompute:
         self._ask(Step(b, frames))
         return self.buffers.step_out[:b, :frames].clone()
 
-    def reset(self, slot: int) -> None:
-        self._ask(Reset(slot))
+    def reset(self, slots: list[int]) -> None:
+        self._ask(Reset(tuple(slots)))
 
     def _ask(self, request: Request) -> None:
         try:
@@ -264,8 +264,8 @@ def _answer(
     feature_rows: list[tuple[int, int]] = []
     steps: dict[int, list[tuple[int, int]]] = defaultdict(list)  # frames -> [(worker, batch)]
     for worker, request in requests:
-        if isinstance(request, Reset) and 0 <= request.slot < plan.slots_per_worker:
-            compute.reset(worker * plan.slots_per_worker + request.slot)
+        if isinstance(request, Reset) and request.slots and all(0 <= s < plan.slots_per_worker for s in request.slots):
+            compute.reset([worker * plan.slots_per_worker + s for s in request.slots])
         elif isinstance(request, Features) and 0 < request.rows <= WINDOW_ROWS:
             feature_rows.append((worker, request.rows))
         elif (

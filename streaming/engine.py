@@ -198,10 +198,12 @@ class Engine:
         finals: dict[str, list[Segment]] = {}
         ends: list[Command] = []
         drained: dict[str, tuple[Stream, int]] = {}
+        new = [cmd.stream for cmd in commands if cmd.kind == "reset"]
+        if new:
+            self.compute.reset([s.slot for s in new])  # one call for the tick's new streams
         for cmd in commands:
             s = cmd.stream
             if cmd.kind == "reset":
-                self.compute.reset(s.slot)
                 s.reset(self.device, self._rescorer())
                 self._live[s.id] = s
             elif cmd.kind == "audio" and not s.closed:

@@ -46,7 +46,7 @@ def test_one_step_for_the_requests_of_all_workers(tiny_model, monkeypatch) -> No
     alone = EncoderStepper(tiny_model, 1, "cpu")
     for w, slot_feats in enumerate(feats):
         for row in range(2):
-            alone.reset(0)
+            alone.reset([0])
             for _ in range(2):
                 expected = alone(slot_feats[row : row + 1], [0])
             got = plan.buffers[w].step_out[row, :2]
@@ -63,7 +63,7 @@ def test_features_resets_and_bad_requests(tiny_model) -> None:
     with torch.inference_mode():
         for t in compute.stepper.pool.tensors():
             t.fill_(1.0)
-    requests = [(0, Features(5)), (1, Features(3)), (1, Reset(1)), (0, Step(9, 1))]
+    requests = [(0, Features(5)), (1, Features(3)), (1, Reset((1,))), (0, Step(9, 1))]
     errors = _answer(compute, plan, requests)
     assert list(errors) == [0] and "bad request" in errors[0]
     for w, win in enumerate(windows):

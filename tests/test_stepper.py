@@ -102,8 +102,7 @@ def test_stepper_streams_equal_offline(model: ASRModel) -> None:
     feats = {s: torch.randn(1, 4 * n, N_MELS) for s, n in lengths.items()}
     done = dict.fromkeys(lengths, 0)
     out = {s: [] for s in lengths}
-    for s in lengths:
-        stepper.reset(s)
+    stepper.reset(list(lengths))
     while any(done[s] < lengths[s] for s in lengths):
         active = [s for s in lengths if done[s] < lengths[s] and rng.random() < 0.7]
         if not active:
