@@ -39,7 +39,7 @@ async def _send(ws, path: Path, realtime: bool) -> None:
         sent += chunk.numel() / SAMPLE_RATE
         if realtime:
             await asyncio.sleep(max(0.0, start + sent - loop.time()))  # pace like a live microphone
-    await ws.send(json.dumps({"type": "close"}))
+    await ws.send(P.close_message())
 
 
 def show(message: dict, out) -> None:

@@ -189,6 +189,11 @@ def _json_object(text: str) -> dict[str, Any]:
     return message
 
 
+def close_message() -> str:
+    """The client's `{"type": "close"}`: finalize everything and close."""
+    return json.dumps({"type": "close"})
+
+
 def parse_client_message(text: str) -> ClientMessage:
     message = _json_object(text)
     kind = message.pop("type", None)
@@ -270,6 +275,11 @@ def parse_vosk_message(text: str) -> VoskMessage:
         check_rate(int(rate))
         return VoskConfig(int(rate))
     raise ProtocolError(ERR_UNKNOWN_TYPE, "expected config, eof or reset")
+
+
+def vosk_eof() -> str:
+    """The Vosk client's end of stream."""
+    return '{"eof" : 1}'
 
 
 def vosk_partial(text: str) -> str:

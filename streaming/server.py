@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import os
 import re
@@ -168,7 +169,7 @@ class ASRServer:
             self.relay_server = await unix_serve(
                 self._handle,
                 str(relay_socket(c.relay_dir, c.worker)),
-                process_request=self._process_relayed,
+                process_request=functools.partial(self._process_request, overflow=False),
                 process_response=self._process_response,
                 open_timeout=HANDSHAKE_TIMEOUT_S,
                 max_size=c.max_message_bytes,
@@ -213,21 +214,17 @@ class ASRServer:
         self.metrics.rejected.labels(reason=reason).inc()
         return connection.respond(status, why + "\n")
 
-    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(
+        self, connection: ServerConnection, request: Request, overflow: bool = True
+    ) -> Response | None:
         """Health, metrics, then the checks of a stream's handshake. A new stream on a worker whose slots are
-        all taken goes to another worker with room (`_overflow`); HTTP 503 only if every worker is full."""
+        all taken goes to another worker with room (`_overflow`); HTTP 503 only if every worker is full. A
+        handshake passed on by another worker (`overflow=False`: a resume or an overflow) goes no further."""
         refused = self._admit(connection, request)
         if refused is not None or not _needs_slot(request) or self._reserve(connection):
             return refused
-        if self.config.workers > 1 and await self._overflow(connection, request):
+        if overflow and self.config.workers > 1 and await self._overflow(connection, request):
             return None
-        return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "capacity", "all stream slots are busy")
-
-    def _process_relayed(self, connection: ServerConnection, request: Request) -> Response | None:
-        """A handshake passed on by another worker (a resume, or an overflow): no further overflow."""
-        refused = self._admit(connection, request)
-        if refused is not None or not _needs_slot(request) or self._reserve(connection):
-            return refused
         return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "capacity", "all stream slots are busy")
 
     def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -291,12 +288,15 @@ class ASRServer:
         self._reserved[connection] = now
         return True
 
-    def _process_response(self, connection: ServerConnection, request: Request, response: Response) -> None:
+    async def _process_response(self, connection: ServerConnection, request: Request, response: Response) -> None:
         if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
             self._reserved.pop(connection, None)
             upstream = self._overflowed.pop(connection, None)
-            if upstream is not None:  # the client's handshake failed after all: give the other worker its slot back
-                asyncio.get_running_loop().create_task(upstream.close())
+            if upstream is not None:  # the client's handshake failed after all: the other worker frees the slot
+                vosk = request.path.startswith(P.VOSK_PATH)
+                with contextlib.suppress(ConnectionClosed):
+                    await upstream.send(P.vosk_eof() if vosk else P.close_message())
+                await upstream.close()
 
     def _authorized(self, request: Request) -> bool:
         header = request.headers.get("Authorization", "")

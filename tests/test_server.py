@@ -318,8 +318,13 @@ def test_accepted_handshakes_hold_their_slots(server) -> None:
     answers = server.call(handshakes)
     assert answers[:3] == [None] * 3 and answers[3].status_code == 503
     accepted = Response(101, "Switching Protocols", Headers())
-    server.call(lambda: [server.server._process_response(c, request, accepted) for c in pending[:2]])
-    server.call(lambda: server.server._process_response(pending[2], request, answers[3]))  # a failed handshake
+
+    async def respond(connections: list, response: Response) -> None:
+        for c in connections:
+            await server.server._process_response(c, request, response)
+
+    server.call(lambda: respond(pending[:2], accepted))
+    server.call(lambda: respond(pending[2:3], answers[3]))  # a failed handshake
     assert server.call(lambda: server.server._process_request(_Handshake(), request)) is None
 
 
@@ -408,6 +413,17 @@ def test_a_full_worker_passes_new_streams_to_one_with_room(tiny_model, speech_wa
                 assert second.protocol.close_code == P.CLOSE_NORMAL
             assert _strip(finals) == _offline(tiny_model, speech_wav)
             assert workers[0].call(lambda: workers[0].server.engine.stats.audio_seconds) == 0  # ran on worker 1
+            # an overflowed handshake that then fails towards its client gives worker 1's slot back
+            request, handshake = Request(f"{P.STREAM_PATH}?sample_rate={rate}", Headers()), _Handshake()
+            assert workers[0].call(lambda: workers[0].server._process_request(handshake, request)) is None
+            assert workers[1].call(lambda: workers[1].server.engine.active) == 1
+            failed = Response(500, "Internal Server Error", Headers())
+            workers[0].call(lambda: workers[0].server._process_response(handshake, request, failed))
+            for _ in range(100):  # worker 1 sees the relay close on its own loop
+                if workers[1].call(lambda: workers[1].server.engine.active) == 0:
+                    break
+                time.sleep(0.05)
+            assert workers[1].call(lambda: workers[1].server.engine.active) == 0
             with connect(f"{workers[1].url}{P.STREAM_PATH}?sample_rate={rate}") as third:  # worker 1 full now
                 assert json.loads(third.recv())["resume_token"].startswith("w1-")
                 for url in (workers[0].url, workers[1].url):
