@@ -162,6 +162,7 @@ class ASRServer:
             process_response=self._process_response,
             open_timeout=HANDSHAKE_TIMEOUT_S,
             max_size=c.max_message_bytes,
+            compression=None,  # permessage-deflate: audio does not compress, and inflating it cost CPU per frame
             ssl=tls,
             reuse_port=c.workers > 1 or None,
         )
@@ -173,6 +174,7 @@ class ASRServer:
                 process_response=self._process_response,
                 open_timeout=HANDSHAKE_TIMEOUT_S,
                 max_size=c.max_message_bytes,
+                compression=None,
             )
         return self.server
 
@@ -273,6 +275,7 @@ class ASRServer:
             additional_headers=headers,
             max_size=self.config.max_message_bytes,
             open_timeout=HANDSHAKE_TIMEOUT_S,
+            compression=None,
         )
 
     def _reserve(self, connection: ServerConnection) -> bool:
