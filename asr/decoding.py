@@ -12,6 +12,7 @@ greedy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,6 +31,11 @@ class Word:
     end: float
     conf: float  # mean peak posterior of the word's characters, 0..1
 
+    @staticmethod
+    def from_frames(text: str, first: int, last: int, conf: float, frame_s: float) -> Word:
+        """The word whose characters span frames first..last (inclusive), its times in seconds."""
+        return Word(text, round(first * frame_s, 3), round((last + 1) * frame_s, 3), round(conf, 4))
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -38,6 +44,11 @@ class Segment:
     end: float
     text: str
     words: tuple[Word, ...]
+
+    @staticmethod
+    def of_words(seg_id: int, words: Sequence[Word]) -> Segment:
+        """The segment holding these words (at least one), from the first one's start to the last one's end."""
+        return Segment(seg_id, words[0].start, words[-1].end, " ".join(w.word for w in words), tuple(words))
 
 
 @dataclass(frozen=True)
@@ -141,7 +152,7 @@ class GreedyCTCDecoder:
         words = list(self._words)
         if self._word is not None:
             words.append(self._finished_word(self._word))
-        return self._segment(words, self.next_segment_id) if words else None
+        return Segment.of_words(self.next_segment_id, words) if words else None
 
     def _step(self, token: int, prob: float, done: list[Segment]) -> None:
         t = self.frame
@@ -181,26 +192,18 @@ class GreedyCTCDecoder:
             self._end_segment(done, self.frame + 1)
 
     def _finished_word(self, w: _WordInProgress) -> Word:
-        return Word(
-            word="".join(w.chars),
-            start=round(w.start * self.frame_s, 3),
-            end=round((w.end + 1) * self.frame_s, 3),
-            conf=round(sum(w.probs) / len(w.probs), 4),
-        )
+        return Word.from_frames("".join(w.chars), w.start, w.end, sum(w.probs) / len(w.probs), self.frame_s)
 
     def _end_word(self) -> None:
         if self._word is not None:
             self._words.append(self._finished_word(self._word))
             self._word = None
 
-    def _segment(self, words: list[Word], seg_id: int) -> Segment:
-        return Segment(seg_id, words[0].start, words[-1].end, " ".join(w.word for w in words), tuple(words))
-
     def _end_segment(self, done: list[Segment], cut: int) -> None:
         """End the segment in progress at frame `cut` (exclusive); the next one starts there."""
         self._end_word()
         if self._words:
-            segment = self._segment(self._words, self.next_segment_id)
+            segment = Segment.of_words(self.next_segment_id, self._words)
             if self.rescorer is not None:
                 segment = self.rescorer.rescore(segment, self._segment_start, cut)
             done.append(segment)

@@ -151,11 +151,8 @@ class RescoreJob:
         """The segment with the beam search's `words` (frames relative to `start`), or greedy's if none."""
         if not words:  # the LM found no word where greedy decoding did: keep greedy's
             return self.segment
-        timed = tuple(
-            Word(w, round((self.start + a) * frame_s, 3), round((self.start + b + 1) * frame_s, 3), round(c, 4))
-            for w, a, b, c in words
-        )
-        return Segment(self.segment.id, timed[0].start, timed[-1].end, " ".join(w.word for w in timed), timed)
+        timed = [Word.from_frames(w, self.start + a, self.start + b, c, frame_s) for w, a, b, c in words]
+        return Segment.of_words(self.segment.id, timed)
 
 
 class SegmentRescorer:
@@ -183,10 +180,15 @@ class SegmentRescorer:
             self._chunks.append(log_probs.detach().float().cpu())
 
     def trim(self, start: int) -> None:
-        if start <= self._first:
+        """Drop the frames before stream frame `start`: whole chunks, then the head of the first one kept (a view;
+        no copy: a silent stream trims after every step)."""
+        drop = start - self._first
+        if drop <= 0:
             return
-        buffered = self._buffer()[start - self._first :]
-        self._chunks = [buffered] if buffered.shape[0] else []
+        while self._chunks and drop >= self._chunks[0].shape[0]:
+            drop -= self._chunks.pop(0).shape[0]
+        if self._chunks:
+            self._chunks[0] = self._chunks[0][drop:]
         self._first = start
 
     def rescore(self, segment: Segment, start: int, end: int) -> Segment:
