@@ -28,6 +28,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -228,16 +229,27 @@ class RescorePool:
     one (flashlight holds Python's interpreter lock while it decodes). Each process loads the LM."""
 
     def __init__(self, search: BeamSearch, processes: int) -> None:
-        self._pool = ProcessPoolExecutor(
-            processes,
+        self._search, self._processes = search, processes
+        self._pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            self._processes,
             mp_context=mp.get_context("spawn"),
             initializer=_init_pool_process,
-            initargs=(search.lm_dir, search.config),
+            initargs=(self._search.lm_dir, self._search.config),
         )
 
     def submit(self, job: RescoreJob) -> Future:
-        """A future of the job's words (`BeamSearch.words`)."""
-        return self._pool.submit(_pool_words, job.log_probs)
+        """A future of the job's words (`BeamSearch.words`). If a process has died, the executor refuses every
+        job from then on: a fresh one takes its place (the jobs it lost fail, and their callers keep greedy's
+        finals)."""
+        try:
+            return self._pool.submit(_pool_words, job.log_probs)
+        except BrokenProcessPool:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._start()
+            return self._pool.submit(_pool_words, job.log_probs)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

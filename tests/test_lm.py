@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import json
 import random
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
 import torch
 
 from asr.cli import main
-from asr.decoding import LOOKBACK_FRAMES, GreedyCTCDecoder, decode
-from asr.lm import DECODER_FILE, LEXICON_FILE, BeamConfig, BeamSearch, LMError, SegmentRescorer, build_lm, lm_sentences
+from asr.decoding import LOOKBACK_FRAMES, GreedyCTCDecoder, Segment, decode
+from asr.lm import (
+    DECODER_FILE,
+    LEXICON_FILE,
+    BeamConfig,
+    BeamSearch,
+    LMError,
+    RescoreJob,
+    RescorePool,
+    SegmentRescorer,
+    build_lm,
+    lm_sentences,
+)
 from asr.text import BLANK_ID, SPACE_ID, VOCAB
 
 
@@ -125,3 +137,22 @@ def test_cli_builds_and_uses_an_lm(
     assert main([*args, "--lm", str(out), "--no-lm"]) == 2
     assert "exclude each other" in capsys.readouterr().err
     assert main([*args, "--lm", str(tmp_path / "missing")]) == 2
+
+
+def test_a_pool_that_lost_a_process_is_replaced(tiny_lm_dir: Path) -> None:
+    """After a decoding process dies, the pool is broken for good (ProcessPoolExecutor); the next submit starts a
+    fresh pool instead of raising in the server's batcher thread, and decodes as before."""
+    search = _search(tiny_lm_dir)
+    lp = _emissions(_spell("THE RIVER"))
+    job = RescoreJob(Segment(0, 0.0, 1.0, "THE RIVER", ()), 0, lp)
+    pool = RescorePool(search, 1)
+    try:
+        assert pool.submit(job).result(60) == search.words(lp)
+        victim = next(iter(pool._pool._processes.values()))
+        victim.kill()
+        victim.join()
+        with pytest.raises(BrokenProcessPool):  # the executor notices the death
+            pool._pool.submit(int).result(60)
+        assert pool.submit(job).result(60) == search.words(lp)
+    finally:
+        pool.shutdown()
