@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -158,7 +159,7 @@ async def send_clip(ws: ClientConnection, clip: np.ndarray, job: Round, sent_at:
         await asyncio.sleep(max(0.0, start + k * job.chunk_s - time.monotonic()))  # real-time pace
         sent_at.append(time.monotonic())
         await ws.send(P.encode_audio(clip[i : i + step], "f32le"))
-    await ws.send(json.dumps({"type": "close"}))
+    await ws.send(P.close_message())
 
 
 def record(stats: StreamStats, message: dict, now: float, sent_at: list[float], chunk_ms: int) -> None:
@@ -281,8 +282,9 @@ def log_tail(log: IO[bytes]) -> str:
 def _process_tree(pid: int) -> list[int]:
     """`pid` and its descendants (the workers of `asr serve --workers N`)."""
     children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(c) for c in (task / "children").read_text().split()]
+    with contextlib.suppress(FileNotFoundError):  # it exited while we looked
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children += [int(c) for c in (task / "children").read_text().split()]
     return [pid] + [p for c in children for p in _process_tree(c)]
 
 
@@ -290,9 +292,12 @@ def proc_sample(pid: int) -> tuple[float, float]:
     """(CPU seconds so far, RSS MiB) of a process and its descendants, from /proc."""
     cpu = rss = 0.0
     for p in _process_tree(pid):
-        fields_ = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        try:
+            fields_ = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{p}/status").read_text().splitlines()
+        except FileNotFoundError:  # it exited since the walk (an LM pool process, the spawn tracker)
+            continue
         cpu += (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
-        status = Path(f"/proc/{p}/status").read_text().splitlines()
         rss += next((int(line.split()[1]) for line in status if line.startswith("VmRSS")), 0) / 1024
     return cpu, rss
 
@@ -461,9 +466,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--streams", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16], help="N values to run")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="model directory (default: the bundled one)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the server's device (default: cpu)")
-    p.add_argument(
-        "--max-streams", type=positive_int, help="the server's slots (default: the largest N; twice that with workers)"
-    )
+    p.add_argument("--max-streams", type=positive_int, help="the server's slots (default: the largest N)")
     p.add_argument("--chunk-ms", type=positive_int, default=100, help="audio per client message (default: 100)")
     default_procs = max(1, min(8, (os.cpu_count() or 2) // 2))
     p.add_argument(
@@ -490,8 +493,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lm-processes", type=int, default=2, help="asr serve --lm-processes (default: 2)")
     p.add_argument("--step-process", action="store_true", help="asr serve --step-process (with --workers)")
     args = p.parse_args()
-    # the kernel spreads connections over workers unevenly: give each worker room for twice its share
-    args.max_streams = args.max_streams or max(args.streams) * (2 if args.workers > 1 else 1)
+    args.max_streams = args.max_streams or max(args.streams)
     if args.max_streams < max(args.streams):
         p.error(f"--max-streams {args.max_streams} is below the largest N {max(args.streams)}")
     return args

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import collections
 import gc
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,7 +63,7 @@ def main() -> None:
             ws.recv()
             for i in range(0, len(audio), 1600):
                 ws.send(P.encode_audio(audio[i : i + 1600], "f32le"))
-            ws.send(json.dumps({"type": "close"}))
+            ws.send(P.close_message())
             list(ws)
 
     with ThreadPoolExecutor(args.streams) as pool:

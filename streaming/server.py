@@ -170,7 +170,7 @@ class ASRServer:
             self.relay_server = await unix_serve(
                 self._handle,
                 str(relay_socket(c.relay_dir, c.worker)),
-                process_request=functools.partial(self._process_request, overflow=False),
+                process_request=functools.partial(self._process_request, public=False),
                 process_response=self._process_response,
                 open_timeout=HANDSHAKE_TIMEOUT_S,
                 max_size=c.max_message_bytes,
@@ -212,24 +212,30 @@ class ASRServer:
 
     # ------------------------------------------------------------ HTTP side of the handshake
 
-    def _refuse(self, connection: ServerConnection, status: HTTPStatus, reason: str, why: str) -> Response:
-        self.metrics.rejected.labels(reason=reason).inc()
+    def _refuse(
+        self, connection: ServerConnection, status: HTTPStatus, reason: str, why: str, public: bool
+    ) -> Response:
+        """An HTTP refusal, counted in the metrics if a client gets it (`public`; a refusal of a handshake that
+        another worker passed on is that worker's to report)."""
+        if public:
+            self.metrics.rejected.labels(reason=reason).inc()
         return connection.respond(status, why + "\n")
 
     async def _process_request(
-        self, connection: ServerConnection, request: Request, overflow: bool = True
+        self, connection: ServerConnection, request: Request, public: bool = True
     ) -> Response | None:
         """Health, metrics, then the checks of a stream's handshake. A new stream on a worker whose slots are
         all taken goes to another worker with room (`_overflow`); HTTP 503 only if every worker is full. A
-        handshake passed on by another worker (`overflow=False`: a resume or an overflow) goes no further."""
-        refused = self._admit(connection, request)
+        handshake passed on by another worker (not `public`: a resume or an overflow) goes no further."""
+        refused = self._admit(connection, request, public)
         if refused is not None or not _needs_slot(request) or self._reserve(connection):
             return refused
-        if overflow and self.config.workers > 1 and await self._overflow(connection, request):
+        if public and self.config.workers > 1 and await self._overflow(connection, request):
             return None
-        return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "capacity", "all stream slots are busy")
+        busy = "all stream slots are busy"
+        return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "capacity", busy, public)
 
-    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _admit(self, connection: ServerConnection, request: Request, public: bool) -> Response | None:
         """The response to a request that gets no stream (health, metrics, refusals), else None."""
         path = request.path.split("?", 1)[0]
         if path == P.HEALTH_PATH:
@@ -239,19 +245,20 @@ class ASRServer:
         if path == P.METRICS_PATH:
             return self._metrics_response(connection)
         if path not in (P.STREAM_PATH, P.VOSK_PATH):
-            return self._refuse(connection, HTTPStatus.NOT_FOUND, "path", f"no endpoint at {path}")
+            return self._refuse(connection, HTTPStatus.NOT_FOUND, "path", f"no endpoint at {path}", public)
         origin = request.headers.get("Origin")
         if self.config.allowed_origins and origin is not None and origin not in self.config.allowed_origins:
-            return self._refuse(connection, HTTPStatus.FORBIDDEN, "origin", f"origin {origin} is not allowed")
+            return self._refuse(connection, HTTPStatus.FORBIDDEN, "origin", f"origin {origin} is not allowed", public)
         if self.config.token is not None and not self._authorized(request):
-            return self._refuse(connection, HTTPStatus.UNAUTHORIZED, "auth", "missing or wrong token")
+            return self._refuse(connection, HTTPStatus.UNAUTHORIZED, "auth", "missing or wrong token", public)
         if self.draining:
-            return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining", "server is shutting down")
+            draining = "server is shutting down"
+            return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining", draining, public)
         if path == P.STREAM_PATH:
             try:
                 P.parse_stream_url(request.path)
             except P.ProtocolError as e:
-                return self._refuse(connection, HTTPStatus.BAD_REQUEST, "bad_params", e.message)
+                return self._refuse(connection, HTTPStatus.BAD_REQUEST, "bad_params", e.message, public)
         return None
 
     async def _overflow(self, connection: ServerConnection, request: Request) -> bool:

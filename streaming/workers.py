@@ -182,7 +182,8 @@ def _supervise(procs: list[mp.Process], stepper: mp.Process | None = None) -> in
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         failed = False
-        alive = [*procs, *([stepper] if stepper is not None else [])]
+        everyone = [*procs, *([stepper] if stepper is not None else [])]
+        alive = list(everyone)
         while alive:
             ended = wait([p.sentinel for p in alive], timeout=KILL_AFTER_S if failed else None)
             if not ended:  # could not drain in time (their steps need the process that died)
@@ -194,7 +195,6 @@ def _supervise(procs: list[mp.Process], stepper: mp.Process | None = None) -> in
                 if proc.exitcode != 0 and not stopping:
                     failed = True
                     stop(signal.SIGTERM, None)  # drain the others
-        everyone = [*procs, *([stepper] if stepper is not None else [])]
         return 1 if failed or any(p.exitcode != 0 for p in everyone) else 0
     finally:
         for sig, handler in previous.items():

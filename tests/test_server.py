@@ -444,6 +444,8 @@ def test_a_full_worker_passes_new_streams_to_one_with_room(tiny_model, speech_wa
                     with pytest.raises(InvalidStatus) as refused:
                         connect(f"{url}{P.STREAM_PATH}?sample_rate={rate}")
                     assert refused.value.response.status_code == 503
+        for w in workers:  # each counts the one 503 its client got, not the other's attempt to pass one on
+            assert w.call(lambda w=w: w.server.metrics.rejected.labels(reason="capacity")._value.get()) == 1
     finally:
         for w in workers:
             w.stop()
