@@ -15,7 +15,7 @@ from asr import DEFAULT_MODEL_DIR, __version__
 from asr.audio import AudioError
 from asr.checkpoint import ModelLoadError, load_config, load_model, save_model
 from asr.decoding import Segment, SegmenterConfig
-from asr.lm import DECODER_FILE, BeamConfig, BeamSearch, LMError, SegmentRescorer, find_lm
+from asr.lm import BeamConfig, BeamSearch, LMError, SegmentRescorer, find_lm
 from asr.model import ASRModel, ModelDimensions
 from asr.writers import FORMATS, format_timestamp, write_outputs
 
@@ -81,16 +81,19 @@ def add_lm_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_lm(args: argparse.Namespace, model_dir: Path) -> BeamSearch | None:
     """The beam search the LM arguments ask for, or None for greedy decoding."""
+    overrides = {"beam_size": args.beam_size, "lm_weight": args.lm_weight, "word_score": args.word_score}
     if args.no_lm:
         if args.lm is not None:
             raise CLIError("--lm and --no-lm exclude each other")
+        given = [f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)} set the LM beam search, which --no-lm turns off")
         return None
     lm_dir = args.lm if args.lm is not None else find_lm(model_dir)
     if lm_dir is None:
         return None
     try:
-        config = BeamConfig.from_json(lm_dir / DECODER_FILE) if (lm_dir / DECODER_FILE).is_file() else BeamConfig()
-        overrides = {"beam_size": args.beam_size, "lm_weight": args.lm_weight, "word_score": args.word_score}
+        config = BeamConfig.of(lm_dir)
         config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
         return BeamSearch(lm_dir, config)
     except (LMError, ValueError) as e:

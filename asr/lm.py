@@ -76,6 +76,12 @@ class BeamConfig:
             raise LMError(f"{path}: unknown keys {sorted(unknown)}")
         return cls(**raw)
 
+    @classmethod
+    def of(cls, lm_dir: Path) -> BeamConfig:
+        """An LM directory's decoder settings: its decoder.json, or the defaults if it has none."""
+        path = Path(lm_dir) / DECODER_FILE
+        return cls.from_json(path) if path.is_file() else cls()
+
 
 def _tokens(vocab: tuple[str, ...]) -> list[str]:
     return [_BLANK_TOKEN if i == BLANK_ID else _SIL_TOKEN if i == SPACE_ID else t for i, t in enumerate(vocab)]
@@ -90,7 +96,7 @@ class BeamSearch:
             if not (lm_dir / name).is_file():
                 raise LMError(f"language model incomplete: {lm_dir / name} not found")
         self.lm_dir = lm_dir
-        self.config = config or BeamConfig.from_json(lm_dir / DECODER_FILE)
+        self.config = config or BeamConfig.of(lm_dir)
         self.vocab = vocab
         self._decoder: CTCDecoder = ctc_decoder(
             lexicon=str(lm_dir / LEXICON_FILE),

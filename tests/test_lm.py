@@ -136,7 +136,13 @@ def test_cli_builds_and_uses_an_lm(
     assert words and set(words) <= lexicon  # a random model, but every word is a lexicon word
     assert main([*args, "--lm", str(out), "--no-lm"]) == 2
     assert "exclude each other" in capsys.readouterr().err
+    assert main([*args, "--no-lm", "--lm-weight", "3"]) == 2
+    assert "--lm-weight set the LM beam search, which --no-lm turns off" in capsys.readouterr().err
     assert main([*args, "--lm", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    (out / DECODER_FILE).unlink()  # no decoder.json: the default settings
+    assert BeamConfig.of(out) == BeamConfig()
+    assert main([*args, "--lm", str(out)]) == 0
 
 
 def test_a_pool_that_lost_a_process_is_replaced(tiny_lm_dir: Path) -> None:
