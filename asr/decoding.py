@@ -120,7 +120,10 @@ class GreedyCTCDecoder:
 
     def feed(self, log_probs: torch.Tensor) -> list[Segment]:
         """log_probs (L, V) for the next L frames -> the segments these frames completed."""
-        best_logp, best = log_probs.detach().float().max(dim=-1)
+        log_probs = log_probs.detach().float()
+        if self.rescorer is not None:  # it keeps them on the CPU: one transfer for both
+            log_probs = log_probs.cpu()
+        best_logp, best = log_probs.max(dim=-1)
         return self.feed_best(best_logp.exp().tolist(), best.tolist(), log_probs)
 
     def feed_best(self, probs: list[float], tokens: list[int], log_probs: torch.Tensor | None = None) -> list[Segment]:

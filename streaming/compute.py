@@ -183,10 +183,9 @@ class StepSpec:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What the step process needs: the model, the device, and each worker's pipe end and buffers."""
+    """What the step process needs: the model and device, and each worker's slots, pipe end and buffers."""
 
-    model_dir: Path
-    device: str
+    spec: StepSpec
     slots_per_worker: int
     conns: list[Connection]
     buffers: list[SharedBuffers]
@@ -197,8 +196,8 @@ def run_step_process(plan: StepPlan, ready: Connection) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)  # the workers drain through us; we stop when they hang up
     torch.set_num_threads(STEP_THREADS)
-    device = torch.device(plan.device)
-    model, _ = load_model(plan.model_dir, device=device)
+    device = torch.device(plan.spec.device)
+    model, _ = load_model(plan.spec.model_dir, device=device)
     compute = LocalCompute(model, plan.slots_per_worker * len(plan.conns), device)
     ready.send(True)
     ready.close()

@@ -139,7 +139,7 @@ def _start_step_process(ctx, step: StepSpec, count: int, per_worker: int):
     RemoteCompute (whose pipe end the parent closes once that worker has started)."""
     pairs = [ctx.Pipe() for _ in range(count)]
     buffers = [SharedBuffers.allocate(per_worker, step.vocab_size) for _ in range(count)]
-    plan = StepPlan(step.model_dir, step.device, per_worker, [theirs for theirs, _ in pairs], buffers)
+    plan = StepPlan(step, per_worker, [theirs for theirs, _ in pairs], buffers)
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=run_step_process, args=(plan, send), name="asr-serve-steps")
     proc.start()

@@ -7,6 +7,7 @@ import multiprocessing as mp
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ SLOTS = 3  # per worker
 def _plan(tiny_model, workers: int) -> tuple[LocalCompute, StepPlan]:
     compute = LocalCompute(tiny_model, SLOTS * workers, torch.device("cpu"))
     buffers = [SharedBuffers.allocate(SLOTS, tiny_model.dims.vocab_size) for _ in range(workers)]
-    return compute, StepPlan(None, "cpu", SLOTS, [], buffers)
+    spec = StepSpec(Path("unused"), "cpu", tiny_model.dims.vocab_size)
+    return compute, StepPlan(spec, SLOTS, [], buffers)
 
 
 def test_one_step_for_the_requests_of_all_workers(tiny_model, monkeypatch) -> None:
