@@ -53,8 +53,8 @@ __all__ = ["step", "step_ref", "check_slots", "MAX_FRAMES"]
 MAX_FRAMES = 16  # L is a constexpr (the frame loop is unrolled): at most this many frames per call
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CONV_BLOCK, _CONV_WARPS = 128, 4  # conv kernel: channels per program
-_SCAN_ROWS, _SCAN_WARPS = 16, 2  # scan kernel: state rows per program; at 64 rows and 2 warps (the previous
-# kernel's shape, one program per head) batch 1024 x 8 frames took 175 us a layer against 135 us at 16 rows
+_SCAN_ROWS, _SCAN_WARPS = 16, 2  # scan kernel: state rows per program; the graphed encoder step at batch 1024 x
+# 8 frames took 3,043 us against 3,544 us at 64 rows (one program per head) (bench/step_warps.py, BENCHMARKS.md)
 _NORM_WARPS = 8  # norm kernel: up to (16, d_inner) rows in one program
 
 
