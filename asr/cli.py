@@ -439,9 +439,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--step-process",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="with --workers: one more process holds the model and every worker's stream state and runs the "
-        "model steps of all workers batched together, instead of each worker stepping its own streams",
+        "model steps of all workers batched together, instead of each worker stepping its own streams "
+        "(default: on with --workers 2 or more on a GPU, off otherwise)",
     )
     p.add_argument(
         "--lm-processes",
@@ -488,6 +490,14 @@ def build_server(args: argparse.Namespace, plan=None):
     return ASRServer(model, device, server_config, info, search, compute)
 
 
+def uses_step_process(args: argparse.Namespace, device: torch.device) -> bool:
+    """`--step-process` as given, else on for several workers on a GPU: there it batches every worker's steps
+    into one (BENCHMARKS.md), while on the CPU each worker stepping its own streams on its own core is faster."""
+    if args.step_process is None:
+        return args.workers > 1 and device.type == "cuda"
+    return args.step_process
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -497,6 +507,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--workers {args.workers} is more than --max-streams {args.max_streams}")
     if args.step_process and args.workers < 2:
         raise CLIError("--step-process goes with --workers 2 or more")
+    device = resolve_device(args.device)
     scheme = "wss" if args.tls_cert else "ws"
 
     def ready(port: int) -> None:
@@ -512,10 +523,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     model_dir = resolve_model_dir(args.model)  # usage errors here, before any worker starts
     step = None
-    if args.step_process:
+    if uses_step_process(args, device):
         from streaming.compute import StepSpec
 
-        step = StepSpec(model_dir, str(resolve_device(args.device)), load_config(model_dir).dims.vocab_size)
+        step = StepSpec(model_dir, str(device), load_config(model_dir).dims.vocab_size)
     try:
         code = run_workers(build_server, args, args.workers, ready, step)
     except WorkerError as e:

@@ -252,7 +252,7 @@ def start_server(args: argparse.Namespace) -> Server:
     serve = ["serve", "--model", str(args.model), "--port", "0", "--device", args.device]
     serve += ["--max-streams", str(args.max_streams), "--workers", str(args.workers)]
     serve += ["--lm-processes", str(args.lm_processes)] + (["--no-lm"] if args.no_lm else [])
-    serve += ["--step-process"] if args.step_process else []
+    serve += ["--step-process" if args.step_process else "--no-step-process"]
     stderr = tempfile.TemporaryFile()  # a file, not a pipe: nobody reads it while the server runs
     proc = subprocess.Popen([sys.executable, "-m", "asr", *serve], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr)
     line = proc.stdout.readline().decode()

@@ -456,6 +456,21 @@ def _metric(http: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
+def test_step_process_default() -> None:
+    """`--step-process` is on by default for several workers on a GPU, off on the CPU or for one worker, and
+    `--step-process` / `--no-step-process` override it."""
+    from asr.cli import build_parser, uses_step_process
+
+    def uses(argv: list[str], device: str) -> bool:
+        return uses_step_process(build_parser().parse_args(["serve", *argv]), torch.device(device))
+
+    assert uses(["--workers", "4"], "cuda")
+    assert not uses(["--workers", "4"], "cpu")
+    assert not uses([], "cuda")
+    assert not uses(["--workers", "4", "--no-step-process"], "cuda")
+    assert uses(["--workers", "4", "--step-process"], "cpu")
+
+
 @pytest.mark.parametrize("step_process", [False, True], ids=["own-steps", "step-process"])
 def test_serve_with_workers(tiny_model_dir: Path, tiny_model, speech_wav: Path, step_process: bool) -> None:
     """`asr serve --workers 2` (with and without `--step-process`): one port, both workers take streams,
