@@ -28,12 +28,9 @@ from torch import nn
 from asr.features import CMVN, N_MELS, SUBSAMPLING
 from asr.ssm import causal_conv1d, gated_rms_norm, rms_norm, ssd_scan
 from asr.text import VOCAB
-from kernels import block_step as block_kernels
 from kernels import ssd_scan as triton_scan
 from kernels import step as triton_step
 from kernels.norm import add_rms_norm
-
-BLOCK_STEP_MAX_STREAMS = 8  # streaming steps of up to this many streams take the two-launch block kernels
 
 
 @dataclass(frozen=True)
@@ -318,18 +315,6 @@ class MambaBlock(nn.Module):
         y, state = self.mixer.chunk(self.norm(x), state, slots, impl, check)
         return x + y, state
 
-    def step(self, x: torch.Tensor, pool: MambaLayerState, slots: torch.Tensor) -> torch.Tensor:
-        """x (B, L, d_model) -> x + mixer(norm(x)) by the two-launch block kernels on pool rows `slots` (unchecked),
-        in pieces of at most MAX_FRAMES frames (exact: streaming equals offline)."""
-        m, n = self.mixer, triton_step.MAX_FRAMES
-        weights = (self.norm.weight, m.in_proj.weight, m.conv_weight, m.conv_bias, m.dt_bias, m.A_log, m.D)
-        rest = (m.norm.weight, m.out_proj.weight, m.dims.n_groups, m.dims.head_dim, self.norm.eps, m.norm.eps)
-        pieces = [
-            block_kernels.block_step(x[:, i : i + n], pool.conv, pool.ssm, slots, *weights, *rest, check=False)
-            for i in range(0, x.shape[1], n)
-        ]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-
 
 class ASRModel(nn.Module):
     """Log-mel (B, T, n_mels) -> CMVN -> causal 4x subsampling -> Mamba-2 blocks -> norm -> CTC logits."""
@@ -432,14 +417,8 @@ class ASRModel(nn.Module):
         return self.head(self.norm_f(x)), state
 
     def _step_layers(self, x: torch.Tensor, state: EncoderState, slots: torch.Tensor) -> torch.Tensor:
-        """x (B, L, d_model) -> norm_f's output, through every block's fused step. Up to `BLOCK_STEP_MAX_STREAMS`
-        streams, each block is two launches (`kernels.block_step`); above, each residual add is done together with
-        the next RMSNorm in one kernel, around the projections' GEMMs and the three step kernels."""
-        d = self.dims
-        if x.shape[0] <= BLOCK_STEP_MAX_STREAMS and block_kernels.fits(d.head_dim, d.d_state):
-            for block, layer_state in zip(self.layers, state.layers, strict=True):
-                x = block.step(x, layer_state, slots)
-            return add_rms_norm(x, None, self.norm_f.weight, self.norm_f.eps)[1]
+        """x (B, L, d_model) -> norm_f's output, through every block's fused step; each residual add is done
+        together with the next RMSNorm, in one kernel."""
         norms = [block.norm for block in self.layers] + [self.norm_f]
         _, h = add_rms_norm(x, None, norms[0].weight, norms[0].eps)
         for block, layer_state, norm in zip(self.layers, state.layers, norms[1:], strict=True):
