@@ -10,7 +10,8 @@ written, so a server can step any subset of its streams without gathering or sca
 
 Where the SSM runs (`Impl`): the pure-PyTorch reference (CPU, or asked for); on CUDA, the Triton
 chunked scan (`kernels/ssd_scan.py`, training and long chunks) or the fused Triton step
-(`kernels/step.py`, streaming chunks of up to 16 encoder frames, state read and written once a chunk).
+(`kernels/step.py`, streaming chunks of up to 16 encoder frames, state read and written once a chunk), after
+the Triton front-end step (`kernels/frontend.py`).
 
 Shapes: B batch, T feature frames (10 ms), L encoder frames (40 ms, T = 4 L), V vocabulary, S pool slots.
 """
@@ -26,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from asr.features import CMVN, N_MELS, SUBSAMPLING
-from asr.ssm import causal_conv1d, gated_rms_norm, rms_norm, ssd_scan
+from asr.ssm import causal_conv1d, causal_time_pad, gated_rms_norm, halved, rms_norm, ssd_scan
 from asr.text import VOCAB
+from kernels import frontend as triton_frontend
 from kernels import ssd_scan as triton_scan
 from kernels import step as triton_step
 from kernels.norm import add_rms_norm
@@ -131,18 +133,6 @@ def _check_rows(slots: torch.Tensor | None, rows: int, batch: int, check: bool) 
         triton_step.check_slots(slots, rows)
 
 
-def _halved(n: int) -> int:
-    """Size after a kernel-3, stride-2 conv with one frame of padding on each side."""
-    return (n - 1) // 2 + 1
-
-
-def _causal_time_pad(x: torch.Tensor, cache: torch.Tensor | None) -> torch.Tensor:
-    """x (B, C, T, F): prepend the cached frame (or a zero frame at the start of a stream)."""
-    if cache is None:
-        return F.pad(x, (0, 0, 1, 0))
-    return torch.cat([cache.to(x.dtype), x], dim=2)
-
-
 class Subsampling(nn.Module):
     """Causal 4x front end: two 3x3 stride-2 convs over (time, mel), then a linear map to d_model.
 
@@ -155,16 +145,16 @@ class Subsampling(nn.Module):
         c = dims.frontend_channels
         self.conv1 = nn.Conv2d(1, c, kernel_size=3, stride=2, padding=(0, 1))
         self.conv2 = nn.Conv2d(c, c, kernel_size=3, stride=2, padding=(0, 1))
-        self.out = nn.Linear(c * _halved(_halved(dims.n_mels)), dims.d_model)
+        self.out = nn.Linear(c * halved(halved(dims.n_mels)), dims.d_model)
 
     def _run(self, x: torch.Tensor, state: FrontEndState | None) -> torch.Tensor:
         """x (B, T, n_mels) with T % 4 == 0 -> (B, T / 4, d_model)."""
         h = x.unsqueeze(1)
-        h1 = _causal_time_pad(h, state.conv1 if state else None)
+        h1 = causal_time_pad(h, state.conv1 if state else None)
         if state:
             state.conv1.copy_(h1[:, :, -1:])
         h = F.silu(self.conv1(h1))
-        h2 = _causal_time_pad(h, state.conv2 if state else None)
+        h2 = causal_time_pad(h, state.conv2 if state else None)
         if state:
             state.conv2.copy_(h2[:, :, -1:])
         h = F.silu(self.conv2(h2))
@@ -184,6 +174,23 @@ class Subsampling(nn.Module):
         state.conv1.index_copy_(0, slots, rows.conv1)
         state.conv2.index_copy_(0, slots, rows.conv2)
         return y, state
+
+    def step(
+        self, feats: torch.Tensor, pool: FrontEndState, slots: torch.Tensor, mean: torch.Tensor, istd: torch.Tensor
+    ) -> torch.Tensor:
+        """feats (B, 4 L, n_mels) raw float32 log-mel -> (B, L, d_model): CMVN (mean, istd) and `chunk` by the Triton
+        front-end kernels on pool rows `slots` (unchecked), in pieces of at most MAX_FRAMES output frames (exact:
+        streaming equals offline)."""
+        weights = (self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias)
+        n = SUBSAMPLING * triton_frontend.MAX_FRAMES
+        pieces = [
+            triton_frontend.frontend_step(
+                feats[:, i : i + n], pool.conv1, pool.conv2, slots, mean, istd, *weights, self.out.weight,
+                self.out.bias, check=False,
+            )
+            for i in range(0, feats.shape[1], n)
+        ]  # fmt: skip
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
 class RMSNorm(nn.Module):
@@ -372,7 +379,7 @@ class ASRModel(nn.Module):
         d = self.dims
         device = device if device is not None else self.head.weight.device
         dtype = self.head.weight.dtype
-        c, half = d.frontend_channels, _halved(d.n_mels)
+        c, half = d.frontend_channels, halved(d.n_mels)
         frontend = FrontEndState(
             conv1=torch.zeros(batch, 1, 1, d.n_mels, device=device, dtype=dtype),
             conv2=torch.zeros(batch, c, 1, half, device=device, dtype=dtype),
@@ -407,11 +414,12 @@ class ASRModel(nn.Module):
         if feats.shape[1] == 0:
             return feats.new_zeros(feats.shape[0], 0, self.dims.vocab_size, dtype=self.head.weight.dtype), state
         _check_rows(slots, state.frontend.conv1.shape[0], feats.shape[0], check)
-        x, _ = self.frontend.chunk(self._normalize(feats).to(self.head.weight.dtype), state.frontend, slots)
-        impl = impl or Impl.pick(x)
+        impl = impl or Impl.pick(feats)
         if impl is Impl.STEP:
-            rows = slots if slots is not None else torch.arange(x.shape[0], device=x.device)
-            return self.head(self._step_layers(x.contiguous(), state, rows)), state
+            rows = slots if slots is not None else torch.arange(feats.shape[0], device=feats.device)
+            x = self.frontend.step(feats.float(), state.frontend, rows, self.cmvn_mean, self.cmvn_istd)
+            return self.head(self._step_layers(x, state, rows)), state
+        x, _ = self.frontend.chunk(self._normalize(feats).to(self.head.weight.dtype), state.frontend, slots)
         for block, layer_state in zip(self.layers, state.layers, strict=True):
             x, _ = block.chunk(x, layer_state, slots, impl, check=False)  # checked above
         return self.head(self.norm_f(x)), state

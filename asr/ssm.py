@@ -30,6 +30,18 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     return rms_norm(y.float() * F.silu(z.float()), weight, eps).to(y.dtype)
 
 
+def halved(n: int) -> int:
+    """Size after a kernel-3, stride-2 conv with one frame of padding on each side."""
+    return (n - 1) // 2 + 1
+
+
+def causal_time_pad(x: torch.Tensor, cache: torch.Tensor | None) -> torch.Tensor:
+    """x (B, C, T, F): prepend the cached frame (or a zero frame at the start of a stream)."""
+    if cache is None:
+        return F.pad(x, (0, 0, 1, 0))
+    return torch.cat([cache.to(x.dtype), x], dim=2)
+
+
 def causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cache: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

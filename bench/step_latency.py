@@ -71,7 +71,8 @@ from matplotlib.figure import Figure  # no pyplot: draws with Agg, needs no disp
 from torch import nn
 
 from asr.features import N_MELS, SUBSAMPLING
-from asr.model import ASRModel, EncoderState, FrontEndState, ModelDimensions, RMSNorm, Subsampling, _halved
+from asr.model import ASRModel, EncoderState, FrontEndState, ModelDimensions, RMSNorm, Subsampling
+from asr.ssm import halved
 from asr.stepper import EncoderStepper
 
 FRAMES_PER_SECOND = 25  # encoder frames (40 ms) in a second of audio: one real-time stream
@@ -336,7 +337,7 @@ class TransformerKV(nn.Module):
 
     def frontend_row_bytes(self) -> int:
         d = self.dims
-        return (d.n_mels + d.frontend_channels * _halved(d.n_mels)) * self.head.weight.element_size()
+        return (d.n_mels + d.frontend_channels * halved(d.n_mels)) * self.head.weight.element_size()
 
 
 class KVStepper:
@@ -357,7 +358,7 @@ class KVStepper:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(d.n_layers)]
         self.frontend = FrontEndState(
             conv1=torch.zeros(batch, 1, 1, d.n_mels, dtype=dtype, device=device),
-            conv2=torch.zeros(batch, d.frontend_channels, 1, _halved(d.n_mels), dtype=dtype, device=device),
+            conv2=torch.zeros(batch, d.frontend_channels, 1, halved(d.n_mels), dtype=dtype, device=device),
         )
         frames = torch.arange(context + chunk, device=device)
         new = context + torch.arange(chunk, device=device)
