@@ -11,7 +11,7 @@ written, so a server can step any subset of its streams without gathering or sca
 Where the SSM runs (`Impl`): the pure-PyTorch reference (CPU, or asked for); on CUDA, the Triton
 chunked scan (`kernels/ssd_scan.py`, training and long chunks) or the fused Triton step
 (`kernels/step.py`, streaming chunks of up to 16 encoder frames, state read and written once a chunk), after
-the Triton front-end step (`kernels/frontend.py`).
+the Triton front-end step (`kernels/frontend.py`) for large batches.
 
 Shapes: B batch, T feature frames (10 ms), L encoder frames (40 ms, T = 4 L), V vocabulary, S pool slots.
 """
@@ -33,6 +33,8 @@ from kernels import frontend as triton_frontend
 from kernels import ssd_scan as triton_scan
 from kernels import step as triton_step
 from kernels.norm import add_rms_norm
+
+FRONTEND_KERNEL_MIN_FRAMES = 4096  # fused-step chunks of at least this many encoder frames (B L) take kernels/frontend
 
 
 @dataclass(frozen=True)
@@ -417,12 +419,20 @@ class ASRModel(nn.Module):
         impl = impl or Impl.pick(feats)
         if impl is Impl.STEP:
             rows = slots if slots is not None else torch.arange(feats.shape[0], device=feats.device)
-            x = self.frontend.step(feats.float(), state.frontend, rows, self.cmvn_mean, self.cmvn_istd)
-            return self.head(self._step_layers(x, state, rows)), state
+            return self.head(self._step_layers(self._step_frontend(feats, state, rows), state, rows)), state
         x, _ = self.frontend.chunk(self._normalize(feats).to(self.head.weight.dtype), state.frontend, slots)
         for block, layer_state in zip(self.layers, state.layers, strict=True):
             x, _ = block.chunk(x, layer_state, slots, impl, check=False)  # checked above
         return self.head(self.norm_f(x)), state
+
+    def _step_frontend(self, feats: torch.Tensor, state: EncoderState, slots: torch.Tensor) -> torch.Tensor:
+        """feats (B, 4 L, n_mels) -> (B, L, d_model) on the fused-step path: by the Triton front-end kernels from
+        FRONTEND_KERNEL_MIN_FRAMES encoder frames (B L) a step, below by PyTorch's (cuDNN) convs, which measured
+        faster there (BENCHMARKS.md)."""
+        if feats.shape[0] * (feats.shape[1] // SUBSAMPLING) >= FRONTEND_KERNEL_MIN_FRAMES:
+            return self.frontend.step(feats.float(), state.frontend, slots, self.cmvn_mean, self.cmvn_istd)
+        x, _ = self.frontend.chunk(self._normalize(feats).to(self.head.weight.dtype), state.frontend, slots)
+        return x.contiguous()
 
     def _step_layers(self, x: torch.Tensor, state: EncoderState, slots: torch.Tensor) -> torch.Tensor:
         """x (B, L, d_model) -> norm_f's output, through every block's fused step; each residual add is done

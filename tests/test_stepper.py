@@ -8,6 +8,8 @@ import secrets
 import pytest
 import torch
 
+import asr.model
+import kernels.frontend
 from asr.features import CMVN, N_MELS
 from asr.model import ASRModel, Impl, MambaBlock
 from asr.stepper import EncoderStepper, bucket
@@ -138,10 +140,15 @@ def test_bucket() -> None:
     assert [bucket(n) for n in (1, 2, 3, 5, 64, 65, 1000)] == [1, 2, 4, 8, 64, 128, 1024]
 
 
+@pytest.mark.parametrize("frontend_kernels", [False, True], ids=["torch-frontend", "triton-frontend"])
 @torch.inference_mode()
-def test_whole_model_step_impl_equals_torch(model: ASRModel) -> None:
-    """ASRModel.chunk by the fused step and fused add + RMSNorm kernels (interpreted) equals the PyTorch path;
-    the last chunk (17 frames) runs as two kernel calls of 16 and 1."""
+def test_whole_model_step_impl_equals_torch(model: ASRModel, monkeypatch, frontend_kernels: bool) -> None:
+    """ASRModel.chunk by the fused step and fused add + RMSNorm kernels (interpreted), with the front end in PyTorch
+    or in the Triton front-end kernels (which large batches take), equals the PyTorch path; the last chunk (17
+    frames) runs as two kernel calls of 16 and 1."""
+    monkeypatch.setattr(asr.model, "FRONTEND_KERNEL_MIN_FRAMES", 1 if frontend_kernels else 10**9)
+    calls = []
+    monkeypatch.setattr(kernels.frontend, "frontend_step", _counting(kernels.frontend.frontend_step, calls))
     slots = torch.tensor([2, 0])
     fused, plain = model.init_state(3), model.init_state(3)
     feats = torch.randn(2, 4 * 21, N_MELS)
@@ -151,3 +158,13 @@ def test_whole_model_step_impl_equals_torch(model: ASRModel) -> None:
     torch.testing.assert_close(torch.cat(a, 1), b, rtol=1e-4, atol=1e-4)
     for la, lb in zip(fused.layers, plain.layers, strict=True):
         torch.testing.assert_close(la.ssm, lb.ssm, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.frontend.conv2, plain.frontend.conv2, rtol=1e-5, atol=1e-5)
+    assert len(calls) == (4 if frontend_kernels else 0)  # 3 chunks, the last in 2 pieces
+
+
+def _counting(fn, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return counted
