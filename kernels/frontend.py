@@ -49,7 +49,9 @@ output are allocated with torch.empty (fine under graph capture).
 Measured on an H200 (bf16, default model shapes, CUDA graph of 10 calls, us per call; PyTorch = the model's
 front end today): B=1 L=1 17.8 (PyTorch 41.1), B=1 L=8 25.9 (45.1), B=64 L=1 20.0 (48.6), B=256 L=4 52.8
 (114.2), B=1024 L=8 363 (608). The conv kernel is most of it: its programs are chains of dependent
-gather -> tl.dot steps, about 1 us each at small batches.
+gather -> tl.dot steps, about 1 us each at small batches. Inside the whole graphed encoder step the gain shows only
+for large batches (BENCHMARKS.md), so `ASRModel` takes these kernels from `FRONTEND_KERNEL_MIN_FRAMES` encoder frames
+a step. The h2 scratch is large there (about 140 MB at B=1024, L=8), in the graphs' shared memory pool.
 """
 
 from __future__ import annotations
