@@ -419,20 +419,29 @@ def growth(what: str, warm: float, end: float) -> str:
     return f"{what} after warm-up {warm:.0f} MiB, at the end {end:.0f} MiB ({end / warm - 1:+.1%})"
 
 
-def soak(pool: ClientPool, streams: int, minutes: float, warmup: float, pid: int, gpu: str | None) -> None:
+def soak(
+    pool: ClientPool, streams: int, minutes: float, warmup: float, pid: int, gpu: str | None, expected: list[str]
+) -> None:
     """Rounds of `streams` streams back to back: `warmup` minutes (at least one round), then `minutes` more. RSS and
     GPU memory after the warm-up vs the end, and RSS at the half-way round vs the end (a leak keeps growing; an
-    allocator warming up levels off)."""
+    allocator warming up levels off). Every round's transcripts are compared with the offline ones."""
+    exact = total = 0
+
+    def one_round() -> None:
+        nonlocal exact, total
+        exact += show_differences(pool.run(streams, time.monotonic() + START_DELAY_S), expected)
+        total += streams
+
     warm_end = time.monotonic() + warmup * 60
-    pool.run(streams, time.monotonic() + START_DELAY_S)
+    one_round()
     while time.monotonic() < warm_end:
-        pool.run(streams, time.monotonic() + START_DELAY_S)
+        one_round()
     start = time.monotonic()
     end = start + minutes * 60
     warm_rss, warm_gpu = proc_sample(pid)[1], gpu_query(gpu).mem_mib if gpu else None
     series = [(time.monotonic() - start, warm_rss)]  # (seconds, RSS MiB) after each round
     while time.monotonic() < end:
-        pool.run(streams, time.monotonic() + START_DELAY_S)
+        one_round()
         series.append((time.monotonic() - start, proc_sample(pid)[1]))
     rounds = len(series)
     end_rss, end_gpu = series[-1][1], gpu_query(gpu).mem_mib if gpu else None
@@ -446,7 +455,7 @@ def soak(pool: ClientPool, streams: int, minutes: float, warmup: float, pid: int
     print(
         f"soak: {minutes:g} min after {warmup:g} min of warm-up, {streams} streams, {rounds} rounds; "
         f"{growth('RSS', warm_rss, end_rss)}; {gpu_text} "
-        "(target: each within 5 %)",
+        f"(target: each within 5 %); transcripts = offline: {exact}/{total} streams, warm-up included",
         flush=True,
     )
 
@@ -521,7 +530,8 @@ def main() -> None:
                     flush=True,
                 )
             if args.soak_minutes:
-                soak(pool, args.streams[-1], args.soak_minutes, args.soak_warmup_minutes, server.proc.pid, gpu)
+                minutes = (args.soak_minutes, args.soak_warmup_minutes)
+                soak(pool, args.streams[-1], *minutes, server.proc.pid, gpu, expected)
     finally:
         stop_server(server)
     print_table(rows)
