@@ -500,7 +500,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-lm", action="store_true", help="greedy finals (default: the model's LM, if it has one)")
     p.add_argument("--workers", type=positive_int, default=1, help="asr serve --workers (default: 1)")
     p.add_argument("--lm-processes", type=int, default=2, help="asr serve --lm-processes (default: 2)")
-    p.add_argument("--step-process", action="store_true", help="asr serve --step-process (with --workers)")
+    p.add_argument(
+        "--step-process",
+        action="store_true",
+        help="asr serve --step-process (with --workers; default: --no-step-process)",
+    )
     args = p.parse_args()
     args.max_streams = args.max_streams or max(args.streams)
     if args.max_streams < max(args.streams):
