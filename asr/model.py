@@ -97,7 +97,7 @@ class FrontEndState:
     """Caches of the two causal stride-2 convs: the last input frame each saw."""
 
     conv1: torch.Tensor  # (B, 1, 1, n_mels)
-    conv2: torch.Tensor  # (B, C, 1, n_mels // 2)
+    conv2: torch.Tensor  # (B, C, 1, halved(n_mels))
 
 
 @dataclass
@@ -180,9 +180,9 @@ class Subsampling(nn.Module):
     def step(
         self, feats: torch.Tensor, pool: FrontEndState, slots: torch.Tensor, mean: torch.Tensor, istd: torch.Tensor
     ) -> torch.Tensor:
-        """feats (B, 4 L, n_mels) raw float32 log-mel -> (B, L, d_model): CMVN (mean, istd) and `chunk` by the Triton
-        front-end kernels on pool rows `slots` (unchecked), in pieces of at most MAX_FRAMES output frames (exact:
-        streaming equals offline)."""
+        """feats (B, 4 L, n_mels) raw float32 log-mel -> (B, L, d_model): CMVN (mean, istd: (n_mels,)) and `chunk`
+        by the Triton front-end kernels on rows `slots` (B,) (unchecked) of the pool (S rows, `FrontEndState`), in
+        pieces of at most MAX_FRAMES output frames (exact: streaming equals offline)."""
         weights = (self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias)
         n = SUBSAMPLING * triton_frontend.MAX_FRAMES
         pieces = [

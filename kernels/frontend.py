@@ -51,7 +51,10 @@ front end today): B=1 L=1 17.8 (PyTorch 41.1), B=1 L=8 25.9 (45.1), B=64 L=1 20.
 (114.2), B=1024 L=8 363 (608). The conv kernel is most of it: its programs are chains of dependent
 gather -> tl.dot steps, about 1 us each at small batches. Inside the whole graphed encoder step the gain shows only
 for large batches (BENCHMARKS.md), so `ASRModel` takes these kernels from `FRONTEND_KERNEL_MIN_FRAMES` encoder frames
-a step. The h2 scratch is large there (about 140 MB at B=1024, L=8), in the graphs' shared memory pool.
+a step, that is B >= 256 at L <= 16: there every plan has n_co = 1 and FT = L, so the channel and frame splits
+and the narrow Linear tiles serve only direct calls with few streams. The h2 scratch is large there: B n_co n_q
+(2 FT + 1) C 2 PW elements, about 140 MB at B=1024, L=8 and 1.1 GB at B=4096, L=16 in bf16, held in the CUDA graphs'
+shared memory pool.
 """
 
 from __future__ import annotations
@@ -209,7 +212,7 @@ def _conv_kernel(feats_ptr, cache1_ptr, cache2_ptr, slots_ptr, mean_ptr, istd_pt
     tl.debug_barrier()  # the h2 scratch is written
     for m0 in range(0, FT * PW, BLOCK_M):
         _conv2_tile(h2_ptr, w2_ptr, b2_ptr, x_ptr + (b * L + t0) * C * M2, m0, tl.program_id(1) * co_size, co_size,
-                    L - t0, M2, C, BLOCK_M, BLOCK_CO, BLOCK_K, PW, PRECISION)  # fmt: skip
+                    tl.minimum(FT, L - t0), M2, C, BLOCK_M, BLOCK_CO, BLOCK_K, PW, PRECISION)  # fmt: skip
 
 
 @triton.jit
@@ -399,6 +402,7 @@ def frontend_step(
     _check_types(*pools, weights)
     if check:
         check_slots(slots, conv1_cache.shape[0])
+    slots = slots.contiguous()  # the kernels read slots[b] at slots_ptr + b
     m1, m2 = halved(m), halved(halved(m))
     dtype, device = out_weight.dtype, feats.device
     p = plan(b, l, m, c, d, dtype, _sm_count(device))

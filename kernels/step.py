@@ -363,9 +363,9 @@ def step(
     args = (zxbcdt, conv_cache, ssm_state, slots, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight)
     d_inner, conv_dim, h, n, k = _check(*args, n_groups, head_dim, check)
     b, l, d_in_proj = zxbcdt.shape
-    zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight = (
-        t.contiguous() for t in (zxbcdt, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight)
-    )
+    zxbcdt, slots, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight = (
+        t.contiguous() for t in (zxbcdt, slots, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight)
+    )  # the kernels read slots[b] at slots_ptr + b
     f32 = dict(device=zxbcdt.device, dtype=torch.float32)
     xbc, dt = torch.empty(b, l, conv_dim, **f32), torch.empty(b, l, h, **f32)
     y = torch.empty(b, l, d_inner, **f32)

@@ -163,6 +163,23 @@ def test_frame_blocks(sms: int, monkeypatch: pytest.MonkeyPatch) -> None:
     _check(secrets.randbits(32), Dims(), 2, 5, torch.float32, 1e-5)
 
 
+@pytest.mark.parametrize("sms", [1], indirect=True)
+def test_strided_slots(sms: int) -> None:
+    """A non-contiguous slots view (every other entry of a longer tensor) steps exactly the rows it names."""
+    seed, s = secrets.randbits(32), Dims()
+    args, weights = _inputs(seed, s, 3, 2, torch.float32), _weights(seed, s, torch.float32)
+    unused = next(i for i in range(POOL) if i not in args["slots"].tolist())  # interleaved: a row it must not touch
+    args["slots"] = torch.stack([args["slots"], torch.full_like(args["slots"], unused)], dim=1).flatten()[::2]
+    assert not args["slots"].is_contiguous()
+    mine = {name: args[name].clone() for name in ("conv1_cache", "conv2_cache")}
+    ref = {name: args[name].clone() for name in ("conv1_cache", "conv2_cache")}
+    y = frontend_step(**{**args, **mine}, **weights)
+    y_ref = frontend_step_ref(**{**args, **ref}, **weights)
+    assert _rel(y, y_ref) < 1e-5, f"seed {seed}: output differs"
+    for name in mine:
+        assert _rel(mine[name], ref[name]) < 1e-5, f"seed {seed}: {name} pool differs (rows outside slots?)"
+
+
 @pytest.mark.parametrize("sms", [132], indirect=True)
 def test_chained_calls_equal_one_call(sms: int) -> None:
     """Calls of random lengths on the pool equal one frontend_step_ref over all their frames."""

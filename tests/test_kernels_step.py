@@ -136,6 +136,23 @@ def test_several_blocks(monkeypatch: pytest.MonkeyPatch, conv_block: int, scan_r
     _check_step(seed, Shapes(heads=3, head_dim=12, d_state=4, n_groups=1), 2, 2, torch.float32, 1e-4)
 
 
+def test_strided_slots() -> None:
+    """A non-contiguous slots view (every other entry of a longer tensor) steps exactly the rows it names."""
+    seed, s, b = secrets.randbits(32), Shapes(), 2
+    conv, ssm = _pool(seed, s)
+    params, zx = _params(seed, s), _frames(seed, s, b, 3)
+    named = _slots(seed, b)
+    unused = next(i for i in range(POOL) if i not in named.tolist())  # interleaved: a row it must not touch
+    slots = torch.stack([named, torch.full((b,), unused)], dim=1).flatten()[::2]
+    assert not slots.is_contiguous()
+    conv_k, ssm_k = conv.clone(), ssm.clone()
+    y = step(zx, conv_k, ssm_k, slots, **params)
+    y_ref = step_ref(zx, conv, ssm, slots, **params)
+    errors = {"y": _rel(y, y_ref), "ssm_state": _rel(ssm_k, ssm), "conv": _rel(conv_k, conv)}
+    for name, err in errors.items():
+        assert err < 1e-4, f"seed {seed}: {name} relative error {err:.2e} (all: {errors})"
+
+
 def test_chained_steps_equal_one_step() -> None:
     """Steps of random lengths on the pool equal one step_ref over all their frames."""
     seed = secrets.randbits(32)

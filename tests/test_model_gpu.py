@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+import asr.model
 from asr.features import CMVN, N_MELS
 from asr.model import ASRModel, Impl, ModelDimensions
 from asr.stepper import EncoderStepper
@@ -66,11 +67,16 @@ def test_cuda_streaming_equals_offline(models: tuple[ASRModel, ASRModel]) -> Non
 
 
 @torch.inference_mode()
-def test_fused_step_equals_torch_step(models: tuple[ASRModel, ASRModel], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Streaming chunks go through the Triton front-end and step kernels (longer ones in pieces of 16 frames); the
-    pure-PyTorch path on the same GPU agrees closely, with its cuDNN convs held to float32 (PyTorch lets them use
-    TF32 by default, 4e-4 off). (The offline forward's Triton chunked scan runs its dots in TF32.)"""
+@pytest.mark.parametrize("frontend_kernels", [False, True], ids=["cudnn-frontend", "triton-frontend"])
+def test_fused_step_equals_torch_step(
+    models: tuple[ASRModel, ASRModel], monkeypatch: pytest.MonkeyPatch, frontend_kernels: bool
+) -> None:
+    """Streaming chunks go through the Triton step kernels (longer ones in pieces of 16 frames), after the cuDNN
+    front end or the Triton front-end kernels (which large batches take; here forced); the pure-PyTorch path on the
+    same GPU agrees closely, with its cuDNN convs held to float32 (PyTorch lets them use TF32 by default, 4e-4
+    off). (The offline forward's Triton chunked scan runs its dots in TF32.)"""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(asr.model, "FRONTEND_KERNEL_MIN_FRAMES", 1 if frontend_kernels else 10**9)
     _, gpu = models
     gpu.eval()
     feats = torch.randn(3, 4 * 200, N_MELS, device="cuda")

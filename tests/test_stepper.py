@@ -159,6 +159,7 @@ def test_whole_model_step_impl_equals_torch(model: ASRModel, monkeypatch, fronte
     for la, lb in zip(fused.layers, plain.layers, strict=True):
         torch.testing.assert_close(la.ssm, lb.ssm, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fused.frontend.conv2, plain.frontend.conv2, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fused.frontend.conv1, plain.frontend.conv1)
     assert len(calls) == (4 if frontend_kernels else 0)  # 3 chunks, the last in 2 pieces
 
 
