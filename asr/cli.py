@@ -507,7 +507,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--workers {args.workers} is more than --max-streams {args.max_streams}")
     if args.step_process and args.workers < 2:
         raise CLIError("--step-process goes with --workers 2 or more")
-    device = resolve_device(args.device)
     scheme = "wss" if args.tls_cert else "ws"
 
     def ready(port: int) -> None:
@@ -522,7 +521,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from streaming.workers import WorkerError, run_workers
 
     model_dir = resolve_model_dir(args.model)  # usage errors here, before any worker starts
-    step = None
+    step, device = None, resolve_device(args.device)
     if uses_step_process(args, device):
         from streaming.compute import StepSpec
 

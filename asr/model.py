@@ -125,6 +125,13 @@ class EncoderState:
         return self
 
 
+def _in_pieces(fn, x: torch.Tensor, n: int) -> torch.Tensor:
+    """fn over x (B, T, ...) in consecutive pieces of at most n steps along T, joined along T (one piece: no copy).
+    Exact for the streaming kernels, which carry their state from one piece to the next."""
+    pieces = [fn(x[:, i : i + n]) for i in range(0, x.shape[1], n)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
 def _check_rows(slots: torch.Tensor | None, rows: int, batch: int, check: bool) -> None:
     """Raise ValueError unless the state fits: `slots` distinct rows of its `rows` (checked when `check`, a device
     sync, skipped during CUDA graph capture), or, without slots, exactly `batch` rows."""
@@ -183,16 +190,13 @@ class Subsampling(nn.Module):
         """feats (B, 4 L, n_mels) raw float32 log-mel -> (B, L, d_model): CMVN (mean, istd: (n_mels,)) and `chunk`
         by the Triton front-end kernels on rows `slots` (B,) (unchecked) of the pool (S rows, `FrontEndState`), in
         pieces of at most MAX_FRAMES output frames (exact: streaming equals offline)."""
-        weights = (self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias)
-        n = SUBSAMPLING * triton_frontend.MAX_FRAMES
-        pieces = [
-            triton_frontend.frontend_step(
-                feats[:, i : i + n], pool.conv1, pool.conv2, slots, mean, istd, *weights, self.out.weight,
-                self.out.bias, check=False,
-            )
-            for i in range(0, feats.shape[1], n)
-        ]  # fmt: skip
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        weights = (self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias, self.out.weight)
+
+        def piece(x: torch.Tensor) -> torch.Tensor:
+            args = (pool.conv1, pool.conv2, slots, mean, istd, *weights, self.out.bias)
+            return triton_frontend.frontend_step(x, *args, check=False)
+
+        return _in_pieces(piece, feats, SUBSAMPLING * triton_frontend.MAX_FRAMES)
 
 
 class RMSNorm(nn.Module):
@@ -251,9 +255,8 @@ class Mamba2Mixer(nn.Module):
     def step(self, u: torch.Tensor, pool: MambaLayerState, slots: torch.Tensor) -> torch.Tensor:
         """u (B, L, d_model) -> (B, L, d_model) by the fused Triton step on pool rows `slots` (unchecked), in
         pieces of at most triton_step.MAX_FRAMES frames (exact: streaming equals offline)."""
-        zxbcdt, n = self.in_proj(u), triton_step.MAX_FRAMES
-        pieces = [self._step_piece(zxbcdt[:, i : i + n], pool, slots) for i in range(0, u.shape[1], n)]
-        return self.out_proj(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
+        y = _in_pieces(lambda zx: self._step_piece(zx, pool, slots), self.in_proj(u), triton_step.MAX_FRAMES)
+        return self.out_proj(y)
 
     def _step_piece(self, zxbcdt: torch.Tensor, pool: MambaLayerState, slots: torch.Tensor) -> torch.Tensor:
         d = self.dims
@@ -417,22 +420,25 @@ class ASRModel(nn.Module):
             return feats.new_zeros(feats.shape[0], 0, self.dims.vocab_size, dtype=self.head.weight.dtype), state
         _check_rows(slots, state.frontend.conv1.shape[0], feats.shape[0], check)
         impl = impl or Impl.pick(feats)
+        x = self._chunk_frontend(feats, state, slots, impl)
         if impl is Impl.STEP:
-            rows = slots if slots is not None else torch.arange(feats.shape[0], device=feats.device)
-            return self.head(self._step_layers(self._step_frontend(feats, state, rows), state, rows)), state
-        x, _ = self.frontend.chunk(self._normalize(feats).to(self.head.weight.dtype), state.frontend, slots)
+            rows = slots if slots is not None else torch.arange(x.shape[0], device=x.device)
+            return self.head(self._step_layers(x.contiguous(), state, rows)), state
         for block, layer_state in zip(self.layers, state.layers, strict=True):
             x, _ = block.chunk(x, layer_state, slots, impl, check=False)  # checked above
         return self.head(self.norm_f(x)), state
 
-    def _step_frontend(self, feats: torch.Tensor, state: EncoderState, slots: torch.Tensor) -> torch.Tensor:
-        """feats (B, 4 L, n_mels) -> (B, L, d_model) on the fused-step path: by the Triton front-end kernels from
-        FRONTEND_KERNEL_MIN_FRAMES encoder frames (B L) a step, below by PyTorch's (cuDNN) convs, which measured
-        faster there (BENCHMARKS.md)."""
-        if feats.shape[0] * (feats.shape[1] // SUBSAMPLING) >= FRONTEND_KERNEL_MIN_FRAMES:
-            return self.frontend.step(feats.float(), state.frontend, slots, self.cmvn_mean, self.cmvn_istd)
+    def _chunk_frontend(
+        self, feats: torch.Tensor, state: EncoderState, slots: torch.Tensor | None, impl: Impl
+    ) -> torch.Tensor:
+        """feats (B, 4 L, n_mels) raw log-mel -> (B, L, d_model), advancing the front-end state: by the Triton
+        front-end kernels on the fused-step path from FRONTEND_KERNEL_MIN_FRAMES encoder frames (B L) a chunk, else
+        by CMVN and `Subsampling.chunk` (cuDNN's convs on CUDA, which measured faster for fewer frames)."""
+        if impl is Impl.STEP and feats.shape[0] * (feats.shape[1] // SUBSAMPLING) >= FRONTEND_KERNEL_MIN_FRAMES:
+            rows = slots if slots is not None else torch.arange(feats.shape[0], device=feats.device)
+            return self.frontend.step(feats.float(), state.frontend, rows, self.cmvn_mean, self.cmvn_istd)
         x, _ = self.frontend.chunk(self._normalize(feats).to(self.head.weight.dtype), state.frontend, slots)
-        return x.contiguous()
+        return x
 
     def _step_layers(self, x: torch.Tensor, state: EncoderState, slots: torch.Tensor) -> torch.Tensor:
         """x (B, L, d_model) -> norm_f's output, through every block's fused step; each residual add is done

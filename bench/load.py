@@ -357,9 +357,13 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000 if values else float("nan")
 
 
+def equals_offline(s: StreamStats, expected: list[str]) -> bool:
+    return s.text == expected[s.index % len(expected)]
+
+
 def show_differences(stats: list[StreamStats], expected: list[str]) -> int:
     """Print the first MAX_DIFFS_SHOWN streams whose transcript differs from the offline one; return how many match."""
-    differ = [s for s in stats if s.text != expected[s.index % len(expected)]]
+    differ = [s for s in stats if not equals_offline(s, expected)]
     for s in differ[:MAX_DIFFS_SHOWN]:
         print(f"  stream {s.index} differs:\n    offline {expected[s.index % len(expected)]!r}\n    served  {s.text!r}")
     if len(differ) > MAX_DIFFS_SHOWN:
@@ -430,7 +434,7 @@ def soak(
     def one_round() -> None:  # counts, without printing each round's differences
         nonlocal exact, total
         stats = pool.run(streams, time.monotonic() + START_DELAY_S)
-        exact += sum(s.text == expected[s.index % len(expected)] for s in stats)
+        exact += sum(equals_offline(s, expected) for s in stats)
         total += len(stats)
 
     warm_end = time.monotonic() + warmup * 60
