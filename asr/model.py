@@ -92,6 +92,16 @@ class Impl(enum.Enum):
         return Impl.STEP if x.is_cuda else Impl.TORCH
 
 
+@torch.compiler.disable
+def _scan(impl: Impl, x, dt, A, B, C, initial_state) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SSM of `Mamba2Mixer._run` by impl SCAN (Triton) or TORCH (`asr.ssm.ssd_scan`): the same function, with
+    the same arguments. It stays out of `ASRModel.compile_blocks`' graphs, where its shape-dependent Python would
+    cost a recompile per length; y comes back contiguous, so the compiled code after it sees one layout."""
+    scan = triton_scan.ssd_scan if impl is Impl.SCAN else ssd_scan
+    y, final = scan(x, dt, A, B, C, initial_state=initial_state)
+    return y.contiguous(), final
+
+
 @dataclass
 class FrontEndState:
     """Caches of the two causal stride-2 convs: the last input frame each saw."""
@@ -236,8 +246,8 @@ class Mamba2Mixer(nn.Module):
         x, B, C = xbc.split([d.d_inner, d.n_groups * d.d_state, d.n_groups * d.d_state], dim=-1)
         x = x.reshape(b, l, d.n_heads, d.head_dim)
         dt = F.softplus(dt.float() + self.dt_bias.float())
-        scan = triton_scan.ssd_scan if impl is Impl.SCAN else ssd_scan  # the same function
-        y, final = scan(
+        y, final = _scan(
+            impl,
             x,
             dt,
             -torch.exp(self.A_log.float()),
@@ -448,6 +458,13 @@ class ASRModel(nn.Module):
         for block, layer_state, norm in zip(self.layers, state.layers, norms[1:], strict=True):
             x, h = add_rms_norm(x, block.mixer.step(h, layer_state, slots), norm.weight, norm.eps)
         return h
+
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """torch.compile each block's `forward` (training) for any batch size and length: the elementwise work
+        around the scan (conv, gates, norms, residual) fuses into a few kernels per block. The front end, head
+        and scan stay as they are."""
+        for block in self.layers:
+            block.compile(backend=backend, dynamic=True)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

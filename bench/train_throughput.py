@@ -56,6 +56,9 @@ def main() -> None:
     p.add_argument("--config", type=Path, default=Path("configs/default.toml"))
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: run.compile)"
+    )
     args = p.parse_args()
 
     cfg = load_config(args.config)
@@ -63,6 +66,9 @@ def main() -> None:
     utts = list(read_source(args.data).utterances)
     cache = AudioCache(utts, 16, progress=False)
     model = ASRModel(cfg.model).to(device)
+    compiled = cfg.run.compile if args.compile is None else args.compile
+    if compiled:
+        model.compile_blocks()
     optimizer = make_optimizer(model, cfg.optim)
     logmel = LogMel().to(device)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -107,7 +113,8 @@ def main() -> None:
     scan = scan_seconds(model, f, b) * args.steps  # upper bound: the largest batch shape every step
     rate = audio_s / wall
     mfu = rate * 3 * forward_flops_per_second_of_audio(cfg.model) / (cfg.run.peak_tflops * 1e12)
-    print(f"\n{torch.cuda.get_device_name()} · {args.steps} steps · {audio_s / args.steps:.0f} audio-s per batch")
+    name = torch.cuda.get_device_name()
+    print(f"\n{name} · compile {compiled} · {args.steps} steps · {audio_s / args.steps:.0f} audio-s per batch")
     print(f"throughput: {rate:,.0f} audio-s/s   MFU {100 * mfu:.2f}%   step {1000 * wall / args.steps:.0f} ms")
     print("| phase | ms/step | share |\n|---|---|---|")
     for name, sec in times.items():

@@ -50,6 +50,28 @@ def test_cuda_bf16_training_step_is_finite(models: tuple[ASRModel, ASRModel]) ->
     assert all(torch.isfinite(p.grad).all() for p in gpu.parameters())
 
 
+def test_inductor_compiled_blocks_match_eager_in_bf16_without_recompiling(models: tuple[ASRModel, ASRModel]) -> None:
+    """Training's `compile_blocks` on CUDA (inductor, the Triton scan between the compiled pieces): the bf16
+    autocast loss and gradients of eager, for batches of several sizes and lengths compiled once."""
+    _, gpu = models
+    compiled = ASRModel(DIMS, gpu.cmvn).cuda()
+    compiled.load_state_dict(gpu.state_dict())
+    compiled.compile_blocks()
+    torch._dynamo.reset()
+    for i, (b, t) in enumerate([(6, 1203), (4, 1001), (9, 810)]):  # B L above the 644 of a size guard
+        feats = torch.randn(b, t, N_MELS, device="cuda")
+        losses = []
+        for model, stance in ((gpu, "default"), (compiled, "fail_on_recompile" if i else "default")):
+            model.zero_grad()
+            with torch.compiler.set_stance(stance), torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(feats).float().square().mean()
+            loss.backward()
+            losses.append(loss)
+        assert _rel(losses[1], losses[0]) < 1e-2
+        for (name, p), q in zip(gpu.named_parameters(), compiled.parameters(), strict=True):
+            assert _rel(q.grad, p.grad) < 3e-2, name
+
+
 @torch.inference_mode()
 def test_cuda_streaming_equals_offline(models: tuple[ASRModel, ASRModel]) -> None:
     _, gpu = models

@@ -52,10 +52,12 @@ def test_causal_conv_cache_chains() -> None:
     y3, c3 = causal_conv1d(x[:, 4:], w, bias, c2)
     torch.testing.assert_close(torch.cat([y1, y2, y3], 1), y_all)
     torch.testing.assert_close(c3, cache_all)
-    # Direct definition: y_t = silu(b + sum_j w_j x_{t-3+j}).
-    padded = F.pad(x, (0, 0, 3, 0))
-    direct = F.silu(bias + sum(w[:, j] * padded[:, j : j + 50] for j in range(4)))
+    # The definition: a depthwise conv over the input left-padded with k - 1 zeros, then SiLU.
+    direct = F.silu(F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), w.unsqueeze(1), bias, groups=6)).transpose(1, 2)
     torch.testing.assert_close(y_all, direct)
+    y_bf16, cache_bf16 = causal_conv1d(x.bfloat16(), w, bias)
+    assert y_bf16.dtype == cache_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(y_bf16.float(), direct, atol=0.05, rtol=0.02)
 
 
 def test_norms() -> None:

@@ -335,6 +335,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
         self.model = ASRModel(cfg.model).to(self.device)
+        if cfg.run.compile:
+            self.model.compile_blocks()
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.optim))
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.run.seed + self.d.rank)
