@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # DDP speedup on the 2-GPU machine (device tool, kind nvidia-h200-x2; carry .whl .tts .text):
-# the same training recipe (configs/default-stage3.toml, synthetic data only) run with
-# torchrun on 1 GPU, then on 2, for STEPS steps each from models/default's weights. Each run's
-# metrics.csv (audio seconds per second, counted over all ranks) goes to $OUT. The corpus must
-# hold many batches per rank: each epoch start restarts the loader workers, and with a few hours
-# of audio those restarts, not the GPUs, set the pace (3 h gave 2,539 vs 2,708 audio-s/s).
+# the same training recipe (configs/default-stage4.toml: compiled blocks; synthetic data only) run
+# with torchrun on 1 GPU, then on 2, for STEPS steps each from models/default's weights. Each run's
+# metrics.csv (audio seconds per second, counted over all ranks) goes to $OUT, and the median and
+# time-weighted rates of its 25-step windows after the first two (compile, cache warm-up) are printed.
 #   bash scripts/device_ddp.sh [STEPS] [HOURS]
 set -euo pipefail
 source scripts/device_env.sh
@@ -19,7 +18,7 @@ for n in 1 2; do
   python3 - "$config" "runs/ddp$n" <<'PY'
 import re, sys
 from pathlib import Path
-text = Path("configs/default-stage3.toml").read_text()
+text = Path("configs/default-stage4.toml").read_text()
 train = '[{ path = "data/synth/train.jsonl", weight = 1.0 }]'
 dev = '[{ path = "data/synth/dev.jsonl" }]'
 text = re.sub(r"(?ms)^train = \[.*?^\]\n", f"train = {train}\n", text)
@@ -33,9 +32,11 @@ PY
   cp "runs/ddp$n/metrics.csv" "$OUT/metrics_${n}gpu.csv"
   python3 - "runs/ddp$n/metrics.csv" "$n" <<'PY'
 import csv, statistics, sys
-rows = list(csv.DictReader(open(sys.argv[1])))[2:]  # skip the first windows (compile, cache warm-up)
-epochs = rows[-1]["epoch"]
-rates = [float(r["audio_s_per_s"]) for r in rows]
-print(f"{sys.argv[2]} GPU(s): median {statistics.median(rates):.0f} audio-s/s over {len(rates)} windows; epoch {epochs}")
+rows = list(csv.DictReader(open(sys.argv[1])))
+rates = [float(r["audio_s_per_s"]) for r in rows[2:]]  # skip the first windows (compile, cache warm-up)
+spans = [float(b["elapsed_s"]) - float(a["elapsed_s"]) for a, b in zip(rows[1:], rows[2:])]
+weighted = sum(r * s for r, s in zip(rates, spans)) / sum(spans)
+print(f"{sys.argv[2]} GPU(s): median {statistics.median(rates):.0f} audio-s/s, time-weighted {weighted:.0f},"
+      f" over {len(rates)} windows; epoch {rows[-1]['epoch']}")
 PY
 done
