@@ -67,7 +67,7 @@ def fast_fft_len(n: int) -> int:
 def colored_noise(n: int, exponent: float, rng: Rng) -> torch.Tensor:
     """Gaussian noise with a 1/f^exponent power spectrum: 0 white, 1 pink, 2 brown. Drawn in the frequency domain
     (complex Gaussian bins, as white noise's spectrum is) and made by one float32 inverse FFT at a fast length,
-    cut to n."""
+    cut to n. Its scale is arbitrary: `add_noise` sets the level."""
     m = fast_fft_len(n)
     freqs = np.fft.rfftfreq(m)
     freqs[0] = freqs[1] if m > 1 else 1.0

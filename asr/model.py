@@ -92,11 +92,11 @@ class Impl(enum.Enum):
         return Impl.STEP if x.is_cuda else Impl.TORCH
 
 
-@torch.compiler.disable
 def _scan(impl: Impl, x, dt, A, B, C, initial_state) -> tuple[torch.Tensor, torch.Tensor]:
     """The SSM of `Mamba2Mixer._run` by impl SCAN (Triton) or TORCH (`asr.ssm.ssd_scan`): the same function, with
-    the same arguments. It stays out of `ASRModel.compile_blocks`' graphs, where its shape-dependent Python would
-    cost a recompile per length; y comes back contiguous, so the compiled code after it sees one layout."""
+    the same arguments. `ASRModel.compile_blocks` keeps it out of the compiled graphs, where its shape-dependent
+    Python would cost a recompile per length; y comes back contiguous, so the compiled code after it sees one
+    layout."""
     scan = triton_scan.ssd_scan if impl is Impl.SCAN else ssd_scan
     y, final = scan(x, dt, A, B, C, initial_state=initial_state)
     return y.contiguous(), final
@@ -222,6 +222,8 @@ class RMSNorm(nn.Module):
 class Mamba2Mixer(nn.Module):
     """in_proj -> depthwise causal conv + SiLU -> selective SSM (+ D skip) -> gated RMSNorm -> out_proj."""
 
+    scan = staticmethod(_scan)  # `ASRModel.compile_blocks` gives compiled mixers a version the compiler skips
+
     def __init__(self, dims: ModelDimensions, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
         super().__init__()
         self.dims = dims
@@ -246,7 +248,7 @@ class Mamba2Mixer(nn.Module):
         x, B, C = xbc.split([d.d_inner, d.n_groups * d.d_state, d.n_groups * d.d_state], dim=-1)
         x = x.reshape(b, l, d.n_heads, d.head_dim)
         dt = F.softplus(dt.float() + self.dt_bias.float())
-        y, final = _scan(
+        y, final = self.scan(
             impl,
             x,
             dt,
@@ -462,8 +464,13 @@ class ASRModel(nn.Module):
     def compile_blocks(self, backend: str = "inductor") -> None:
         """torch.compile each block's `forward` (training) for any batch size and length: the elementwise work
         around the scan (conv, gates, norms, residual) fuses into a few kernels per block. The front end, head
-        and scan stay as they are."""
+        and scan stay as they are (the scan through `torch.compiler.disable`, applied here so that importing this
+        module does not load the compiler). Block 0's input is a view and the others' are not, so guards come in
+        pairs; inductor adds size guards (B L >= 644 and >= 20,480 encoder frames): a few graphs a run, each
+        compiled once."""
+        skipped = torch.compiler.disable(_scan)
         for block in self.layers:
+            block.mixer.scan = skipped
             block.compile(backend=backend, dynamic=True)
 
     def num_parameters(self) -> int:

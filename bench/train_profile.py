@@ -40,13 +40,15 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=6.0, help="longest utterance (the batch is padded to it)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after 5 warm-up steps)")
     p.add_argument("--top", type=int, default=30, help="kernels to list")
-    p.add_argument("--compile", action="store_true", help="torch.compile the blocks (ASRModel.compile_blocks)")
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="compile blocks (default: run.compile)"
+    )
     args = p.parse_args()
 
     cfg = load_config(args.config)
     device = torch.device("cuda")
     model = ASRModel(cfg.model).to(device)
-    if args.compile:
+    if cfg.run.compile if args.compile is None else args.compile:
         model.compile_blocks()
     optimizer = make_optimizer(model, cfg.optim)
     logmel = LogMel().to(device)

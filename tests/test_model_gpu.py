@@ -58,6 +58,7 @@ def test_inductor_compiled_blocks_match_eager_in_bf16_without_recompiling(models
     compiled.load_state_dict(gpu.state_dict())
     compiled.compile_blocks()
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     for i, (b, t) in enumerate([(6, 1203), (4, 1001), (9, 810)]):  # B L above the 644 of a size guard
         feats = torch.randn(b, t, N_MELS, device="cuda")
         losses = []
@@ -70,6 +71,7 @@ def test_inductor_compiled_blocks_match_eager_in_bf16_without_recompiling(models
         assert _rel(losses[1], losses[0]) < 1e-2
         for (name, p), q in zip(gpu.named_parameters(), compiled.parameters(), strict=True):
             assert _rel(q.grad, p.grad) < 3e-2, name
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # compiled: the pieces around the scan
 
 
 @torch.inference_mode()

@@ -230,3 +230,24 @@ def test_exclude_ids_leaves_out_matching_utterances(tiny_corpus: Path) -> None:
     first = everything[0].id
     rest = _read(SourceConfig(str(tiny_corpus / "train.jsonl"), exclude_ids=f"{first}|nothing")).utterances
     assert [u.id for u in rest] == [u.id for u in everything[1:]]
+
+
+def test_compiled_run_trains_like_eager(tmp_path: Path, tiny_corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run.compile = true` compiles the blocks (here with dynamo's "eager" backend: the CPU cannot afford
+    inductor in a unit test) and trains to the weights of the plain run, dev decoding included."""
+    compile_blocks, calls = ASRModel.compile_blocks, []
+
+    def eager_backend(model: ASRModel, backend: str = "inductor") -> None:
+        calls.append(backend)
+        compile_blocks(model, "eager")
+
+    monkeypatch.setattr(ASRModel, "compile_blocks", eager_backend)
+    torch._dynamo.reset()
+    plain = train(load_config(_config(tmp_path, tiny_corpus, "plain")), progress=False)
+    compiled = train(load_config(_config(tmp_path, tiny_corpus, "compiled", compile=True)), progress=False)
+    assert calls == ["inductor"]
+    a, b = _weights(plain.last_checkpoint), _weights(compiled.last_checkpoint)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert compiled.best_wer == plain.best_wer

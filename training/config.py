@@ -91,7 +91,7 @@ class RunConfig:
     save_every: int = 500
     keep_last: int = 3
     peak_tflops: float = 989.0  # for MFU: the GPU's dense bf16 rate (H200 datasheet)
-    compile: bool = False  # torch.compile the training forward + backward (dynamic shapes; worth it on CUDA)
+    compile: bool = False  # torch.compile the Mamba blocks for training (ASRModel.compile_blocks; CUDA)
 
 
 @dataclass(frozen=True)
