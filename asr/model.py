@@ -94,11 +94,16 @@ class Impl(enum.Enum):
 
 def _scan(impl: Impl, x, dt, A, B, C, initial_state) -> tuple[torch.Tensor, torch.Tensor]:
     """The SSM of `Mamba2Mixer._run` by impl SCAN (Triton) or TORCH (`asr.ssm.ssd_scan`): the same function, with
-    the same arguments. `ASRModel.compile_blocks` keeps it out of the compiled graphs, where its shape-dependent
-    Python would cost a recompile per length; y comes back contiguous, so the compiled code after it sees one
-    layout."""
+    the same arguments."""
     scan = triton_scan.ssd_scan if impl is Impl.SCAN else ssd_scan
-    y, final = scan(x, dt, A, B, C, initial_state=initial_state)
+    return scan(x, dt, A, B, C, initial_state=initial_state)
+
+
+def _uncompiled_scan(impl: Impl, x, dt, A, B, C, initial_state) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_scan` for compiled blocks (`ASRModel.compile_blocks` keeps it out of their graphs, where its
+    shape-dependent Python would cost a recompile per length): y comes back contiguous, so the compiled code after
+    it sees one layout (the PyTorch scan's y is a slice of its padded blocks)."""
+    y, final = _scan(impl, x, dt, A, B, C, initial_state)
     return y.contiguous(), final
 
 
@@ -432,10 +437,11 @@ class ASRModel(nn.Module):
             return feats.new_zeros(feats.shape[0], 0, self.dims.vocab_size, dtype=self.head.weight.dtype), state
         _check_rows(slots, state.frontend.conv1.shape[0], feats.shape[0], check)
         impl = impl or Impl.pick(feats)
+        if impl is Impl.STEP and slots is None:  # the fused kernels always address pool rows
+            slots = torch.arange(feats.shape[0], device=feats.device)
         x = self._chunk_frontend(feats, state, slots, impl)
         if impl is Impl.STEP:
-            rows = slots if slots is not None else torch.arange(x.shape[0], device=x.device)
-            return self.head(self._step_layers(x.contiguous(), state, rows)), state
+            return self.head(self._step_layers(x.contiguous(), state, slots)), state
         for block, layer_state in zip(self.layers, state.layers, strict=True):
             x, _ = block.chunk(x, layer_state, slots, impl, check=False)  # checked above
         return self.head(self.norm_f(x)), state
@@ -447,8 +453,7 @@ class ASRModel(nn.Module):
         front-end kernels on the fused-step path from FRONTEND_KERNEL_MIN_FRAMES encoder frames (B L) a chunk, else
         by CMVN and `Subsampling.chunk` (cuDNN's convs on CUDA, which measured faster for fewer frames)."""
         if impl is Impl.STEP and feats.shape[0] * (feats.shape[1] // SUBSAMPLING) >= FRONTEND_KERNEL_MIN_FRAMES:
-            rows = slots if slots is not None else torch.arange(feats.shape[0], device=feats.device)
-            return self.frontend.step(feats.float(), state.frontend, rows, self.cmvn_mean, self.cmvn_istd)
+            return self.frontend.step(feats.float(), state.frontend, slots, self.cmvn_mean, self.cmvn_istd)
         x, _ = self.frontend.chunk(self._normalize(feats).to(self.head.weight.dtype), state.frontend, slots)
         return x
 
@@ -468,7 +473,7 @@ class ASRModel(nn.Module):
         module does not load the compiler). Block 0's input is a view and the others' are not, so guards come in
         pairs; inductor adds size guards (B L >= 644 and >= 20,480 encoder frames): a few graphs a run, each
         compiled once."""
-        skipped = torch.compiler.disable(_scan)
+        skipped = torch.compiler.disable(_uncompiled_scan)
         for block in self.layers:
             block.mixer.scan = skipped
             block.compile(backend=backend, dynamic=True)

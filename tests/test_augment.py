@@ -55,6 +55,13 @@ def test_noise_colours_have_their_slopes() -> None:
     rng = np.random.default_rng(1)
     low = [_band_energy(colored_noise(N, e, rng), 0, 1000) for e in (0.0, 1.0, 2.0)]
     assert low[0] < low[1] < low[2] and low[0] == pytest.approx(1000 / 8000, abs=0.02)
+    # The exponent itself: the log-log slope of the power spectrum, averaged over draws, 100 Hz - 6 kHz.
+    freqs = torch.fft.rfftfreq(N, 1 / 16000)
+    band = (freqs >= 100) & (freqs <= 6000)
+    for exponent in (0.0, 1.0, 2.0):
+        power = sum(torch.fft.rfft(colored_noise(N, exponent, rng)).abs().square() for _ in range(8))
+        slope = np.polyfit(freqs[band].log().numpy(), power[band].log().numpy(), 1)[0]
+        assert slope == pytest.approx(-exponent, abs=0.1)
 
 
 def test_fast_fft_len_is_the_next_5_smooth_number() -> None:
