@@ -2,12 +2,18 @@
 the time goes (data wait, features + SpecAugment, forward + backward, optimizer; and the share
 of the selective scan inside forward + backward, timed on its own at the same shapes).
 
+Two passes over the same loader after the warm-up: the throughput pass runs steps as training does
+(nothing waits for the device but the CTC loss), and the phase pass waits for the device after each
+phase to time it, which serialises the host and the device, so its steps are slower.
+
     python bench/train_throughput.py --data data/synth/train.jsonl [--steps 40] [--config configs/default.toml]
+        [--num-workers N] [--worker-nice N] [--compile | --no-compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import time
 from pathlib import Path
@@ -20,16 +26,24 @@ from asr.model import ASRModel
 from asr.text import Tokenizer
 from kernels.ssd_scan import ssd_scan  # what the model runs on CUDA
 from training.config import load_config
-from training.loop import AudioCache, batch_features, forward_backward, make_augmenter, make_optimizer
+from training.loop import (
+    AudioCache,
+    batch_features,
+    forward_backward,
+    make_augmenter,
+    make_optimizer,
+    worker_init,
+)
 from training.metrics import forward_flops_per_second_of_audio
 
 
-def cuda_time(fn) -> float:
+def cuda_time(fn, *args):
+    """(fn(*args), seconds from the call to the device finishing its work)."""
     torch.cuda.synchronize()
     start = time.perf_counter()
-    fn()
+    out = fn(*args)
     torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return out, time.perf_counter() - start
 
 
 def scan_seconds(model: ASRModel, frames: int, batch: int, repeats: int = 5) -> float:
@@ -47,21 +61,80 @@ def scan_seconds(model: ASRModel, frames: int, batch: int, repeats: int = 5) -> 
             y.sum().backward()
 
     run()
-    return sum(cuda_time(run) for _ in range(repeats)) / repeats
+    return sum(cuda_time(run)[1] for _ in range(repeats)) / repeats
 
 
-def main() -> None:
+@dataclasses.dataclass
+class Step:
+    """What one step needs: the model and its optimizer, the feature extractor, the config."""
+
+    model: ASRModel
+    optimizer: torch.optim.Optimizer
+    logmel: LogMel
+    cfg: object
+    generator: torch.Generator
+
+    def features(self, batch):
+        return batch_features(batch, self.logmel, self.model.cmvn_mean, self.cfg, torch.device("cuda"), self.generator)
+
+    def update(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def throughput_pass(step: Step, it, steps: int) -> tuple[float, float, list[tuple[int, int]]]:
+    """Steps as training runs them. Returns (audio seconds, wall seconds, (batch, encoder frames) shapes)."""
+    audio_s, shapes = 0.0, []
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        batch = next(it)
+        feats, lengths = step.features(batch)
+        forward_backward(step.model, feats, lengths, batch, step.cfg)
+        step.update()
+        audio_s += float(batch.audio_lengths.sum()) / SAMPLE_RATE
+        shapes.append((batch.audio.shape[0], -(-batch.audio.shape[1] // 640)))
+    torch.cuda.synchronize()
+    return audio_s, time.perf_counter() - start, shapes
+
+
+def phase_pass(step: Step, it, steps: int) -> tuple[dict[str, float], float]:
+    """Steps with the device drained after each phase. Returns (seconds per phase, audio seconds)."""
+    times = {"data": 0.0, "features": 0.0, "forward+backward": 0.0, "optimizer": 0.0}
+    audio_s = 0.0
+    for _ in range(steps):
+        t = time.perf_counter()
+        batch = next(it)
+        times["data"] += time.perf_counter() - t
+        (feats, lengths), seconds = cuda_time(step.features, batch)
+        times["features"] += seconds
+        times["forward+backward"] += cuda_time(forward_backward, step.model, feats, lengths, batch, step.cfg)[1]
+        times["optimizer"] += cuda_time(step.update)[1]
+        audio_s += float(batch.audio_lengths.sum()) / SAMPLE_RATE
+    return times, audio_s
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--config", type=Path, default=Path("configs/default.toml"))
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--data", type=Path, required=True, help="training manifest (asr synth's train.jsonl)")
+    p.add_argument("--config", type=Path, default=Path("configs/default.toml"), help="model, batching, augmentation")
+    p.add_argument("--steps", type=int, default=40, help="steps in each timed pass (default 40)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--num-workers", type=int, help="loader workers (default: the config's data.num_workers)")
+    p.add_argument("--worker-nice", type=int, help="loader workers' niceness (default: data.worker_nice)")
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: run.compile)"
     )
-    args = p.parse_args()
+    return p.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     cfg = load_config(args.config)
+    overrides = {"num_workers": args.num_workers, "worker_nice": args.worker_nice}
+    data_cfg = dataclasses.replace(cfg.data, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = dataclasses.replace(cfg, data=data_cfg)
     device = torch.device("cuda")
     utts = list(read_source(args.data).utterances)
     cache = AudioCache(utts, 16, progress=False)
@@ -69,59 +142,47 @@ def main() -> None:
     compiled = cfg.run.compile if args.compile is None else args.compile
     if compiled:
         model.compile_blocks()
-    optimizer = make_optimizer(model, cfg.optim)
-    logmel = LogMel().to(device)
-    generator = torch.Generator(device=device).manual_seed(0)
+    step = Step(
+        model, make_optimizer(model, cfg.optim), LogMel().to(device), cfg, torch.Generator(device).manual_seed(0)
+    )
     index = {id(u): i for i, u in enumerate(utts)}
     batches = [[index[id(u)] for u in b] for b in bucket_batches(utts, cfg.data.max_batch_seconds, random.Random(0))]
-    batches *= -(-(args.warmup + args.steps) // len(batches))  # repeat epochs for a small corpus
+    batches *= -(-(args.warmup + 2 * args.steps) // len(batches))  # repeat epochs for a small corpus
     dataset = SpeechDataset(utts, Tokenizer(), make_augmenter(cfg.data, utts, cache), load=cache)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=True
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
+        pin_memory=True,
+        worker_init_fn=worker_init(cfg.data),
     )
-    times = {"data": 0.0, "features": 0.0, "forward+backward": 0.0, "optimizer": 0.0}
-    audio_s, frames_seen, shapes = 0.0, 0, []
     it = iter(loader)
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            times = dict.fromkeys(times, 0.0)
-            audio_s, frames_seen, wall = 0.0, 0, time.perf_counter()
-        t = time.perf_counter()
-        batch = next(it)
-        times["data"] += time.perf_counter() - t
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        feats, lengths = batch_features(batch, logmel, model.cmvn_mean, cfg, device, generator)
-        torch.cuda.synchronize()
-        times["features"] += time.perf_counter() - t
-        t = time.perf_counter()
-        _, frames = forward_backward(model, feats, lengths, batch, cfg)
-        torch.cuda.synchronize()
-        times["forward+backward"] += time.perf_counter() - t
-        times["optimizer"] += cuda_time(
-            lambda: (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0),
-                optimizer.step(),
-                optimizer.zero_grad(set_to_none=True),
-            )
-        )
-        audio_s += float(batch.audio_lengths.sum()) / SAMPLE_RATE
-        frames_seen += frames
-        shapes.append((batch.audio.shape[0], -(-batch.audio.shape[1] // 640)))
-    wall = time.perf_counter() - wall
+    throughput_pass(step, it, args.warmup)
+    audio_s, wall, shapes = throughput_pass(step, it, args.steps)
+    times, phase_audio_s = phase_pass(step, it, args.steps)
+    report(args, cfg, model, compiled, audio_s, wall, shapes, times, phase_audio_s)
+
+
+def report(args, cfg, model, compiled, audio_s, wall, shapes, times, phase_audio_s) -> None:
     b, f = max(shapes, key=lambda s: s[0] * s[1])
     scan = scan_seconds(model, f, b) * args.steps  # upper bound: the largest batch shape every step
     rate = audio_s / wall
     mfu = rate * 3 * forward_flops_per_second_of_audio(cfg.model) / (cfg.run.peak_tflops * 1e12)
-    name = torch.cuda.get_device_name()
-    print(f"\n{name} · compile {compiled} · {args.steps} steps · {audio_s / args.steps:.0f} audio-s per batch")
+    d = cfg.data
+    print(
+        f"\n{torch.cuda.get_device_name()} · compile {compiled} · workers {d.num_workers} (nice {d.worker_nice}) · "
+        f"{args.steps} steps · {audio_s / args.steps:.0f} audio-s per batch"
+    )
     print(f"throughput: {rate:,.0f} audio-s/s   MFU {100 * mfu:.2f}%   step {1000 * wall / args.steps:.0f} ms")
+    phase_wall = sum(times.values())
+    print(f"phase pass (device drained after each phase): {phase_audio_s / phase_wall:,.0f} audio-s/s")
     print("| phase | ms/step | share |\n|---|---|---|")
     for name, sec in times.items():
-        print(f"| {name} | {1000 * sec / args.steps:.1f} | {100 * sec / wall:.0f}% |")
+        print(f"| {name} | {1000 * sec / args.steps:.1f} | {100 * sec / phase_wall:.0f}% |")
     print(
         f"| of which selective scan (fwd+bwd, {b}x{f} frames) | {1000 * scan / args.steps:.1f} | "
-        f"{100 * scan / wall:.0f}% |"
+        f"{100 * scan / phase_wall:.0f}% |"
     )
 
 

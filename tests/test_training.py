@@ -19,7 +19,7 @@ from asr.cli import main as asr_main
 from asr.model import ASRModel
 from tests.conftest import TINY
 from training.config import ConfigError, OptimConfig, SpecAugmentConfig, load_config, parse_config
-from training.loop import lr_factor, make_optimizer, train
+from training.loop import lr_factor, make_optimizer, train, worker_init
 from training.specaugment import spec_augment
 from training.state import latest_checkpoint
 
@@ -70,6 +70,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         ({**good, "optim": {"lr": -1}}, "optim.lr: must be > 0"),
         ({**good, "optim": {"schedule": "linear"}}, "optim.schedule: must be one of cosine, noam"),
         ({**good, "run": {"precision": "fp8"}}, "run.precision"),
+        ({"data": {"train": [{"path": "x"}], "worker_nice": 25}}, "data.worker_nice: must be between 0 and 19"),
         ({**good, "data": {"train": [{"path": 3}]}}, r"data.train\[0\].path: expected str"),
         ({**good, "model": {"d_model": 100}}, "model: d_model"),
         ({"data": {"train": []}}, "data.train: must be at least one source"),
@@ -93,6 +94,25 @@ def test_missing_data_fails_before_any_work(tmp_path: Path, capsys) -> None:
     assert asr_main(["train", "--config", str(cfg)]) == 2
     assert "data path not found" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+class _Niceness(torch.utils.data.Dataset):
+    """Each item is the niceness of the process that loads it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        return os.nice(0)
+
+
+def test_loader_workers_yield_the_cpu_to_the_main_process() -> None:
+    cfg = parse_config({"data": {"train": [{"path": "x"}], "worker_nice": 7}})
+    loader = torch.utils.data.DataLoader(
+        _Niceness(), batch_size=None, num_workers=2, worker_init_fn=worker_init(cfg.data)
+    )
+    main = os.nice(0)
+    assert list(loader) == [min(19, main + 7)] * 2 and os.nice(0) == main
 
 
 def test_schedule() -> None:

@@ -52,6 +52,7 @@ class DataConfig:
     dev: tuple[SourceConfig, ...] = ()
     max_batch_seconds: float = 600.0
     num_workers: int = 4
+    worker_nice: int = 10  # loader workers run this many nice steps below the main process (0-19)
     cache_audio: bool = False  # decode all training audio into RAM (int16) once
     dev_limit: int = 400  # dev utterances decoded at each evaluation
     max_ctc_density: float = 0.9  # drop training utterances needing more of their output frames than this
@@ -125,6 +126,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "run.cmvn_batches": (lambda v: v > 0, "> 0"),
     "data.max_batch_seconds": (lambda v: v > 0, "> 0"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "data.worker_nice": (lambda v: 0 <= v <= 19, "between 0 and 19"),
     "data.dev_limit": (lambda v: v > 0, "> 0"),
     "data.max_ctc_density": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "data.train": (lambda v: len(v) > 0, "at least one source"),

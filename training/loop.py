@@ -8,6 +8,7 @@ checkpoint is (epoch, batch), and a resumed run continues from exactly there.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -17,7 +18,7 @@ import random
 import re
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,12 +231,14 @@ def compute_cmvn(data: TrainData, cfg: TrainConfig, logmel: LogMel, device: torc
 
 
 def ctc_loss(logits: torch.Tensor, out_lengths: torch.Tensor, batch) -> torch.Tensor:
+    """logits (B, L, V); out_lengths (B,) on the CPU, as the batch's target lengths stay: the CUDA loss reads
+    lengths on the host, and lengths on the device would cost a copy back."""
     log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (L, B, V), float32 whatever the autocast
     return F.ctc_loss(
         log_probs,
-        batch.targets.to(logits.device),
+        batch.targets.to(logits.device, non_blocking=True),
         out_lengths,
-        batch.target_lengths.to(logits.device),
+        batch.target_lengths,
         blank=0,
         reduction="mean",
         zero_infinity=True,
@@ -246,16 +249,20 @@ def ctc_loss(logits: torch.Tensor, out_lengths: torch.Tensor, batch) -> torch.Te
 def batch_features(
     batch, logmel: LogMel, cmvn_mean: torch.Tensor, cfg: TrainConfig, device: torch.device, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-mel on the device, then SpecAugment: feats (B, T, n_mels), valid frames (B,)."""
+    """Log-mel on the device, then SpecAugment: feats (B, T, n_mels), valid frames (B,) on the CPU.
+
+    No step of training waits for the device until the CTC loss reads its lengths (copies are non-blocking
+    from the loader's pinned memory), so the host queues a step's work while the device runs the last one's."""
     feats = logmel(batch.audio.to(device, non_blocking=True))
-    lengths = frame_lengths(batch.audio_lengths).to(device)
-    return spec_augment(feats, lengths, cfg.spec_augment, generator, cmvn_mean), lengths
+    lengths = frame_lengths(batch.audio_lengths)
+    masked = spec_augment(feats, lengths.to(device, non_blocking=True), cfg.spec_augment, generator, cmvn_mean)
+    return masked, lengths
 
 
 def forward_backward(
     model: torch.nn.Module, feats: torch.Tensor, lengths: torch.Tensor, batch, cfg: TrainConfig
 ) -> tuple[torch.Tensor, int]:
-    """bf16-autocast forward, float32 CTC loss, backward. Returns (loss, encoder frames)."""
+    """bf16-autocast forward, float32 CTC loss, backward. lengths (B,) on the CPU. Returns (loss, encoder frames)."""
     with torch.autocast(feats.device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16"):
         logits = model(feats)
     out_lengths = ASRModel.output_lengths(lengths)
@@ -267,10 +274,17 @@ def forward_backward(
 # ---------------------------------------------------------------- the run
 
 
-def _worker_init(_: int) -> None:
-    """Loader workers leave SIGTERM/SIGINT to the main process, which stops the run cleanly."""
+def _worker_init(nice: int, _: int) -> None:
+    """Loader workers leave SIGTERM/SIGINT to the main process, which stops the run cleanly, and run `nice`
+    steps below it, so that the main process, which feeds the device, gets a core when it needs one."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.nice(nice)
+
+
+def worker_init(cfg: DataConfig) -> Callable[[int], None]:
+    """The loader's `worker_init_fn` for this data config."""
+    return functools.partial(_worker_init, cfg.worker_nice)
 
 
 class _Stop:
@@ -420,7 +434,7 @@ class Trainer:
             collate_fn=collate,
             num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
-            worker_init_fn=_worker_init,
+            worker_init_fn=worker_init(self.cfg.data),
         )
 
     def _step(self, batch) -> None:
