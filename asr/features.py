@@ -94,6 +94,33 @@ class LogMel(torch.nn.Module):
         return mel.reshape(*lead, power.shape[-2], N_MELS).clamp_min(LOG_FLOOR).log()
 
 
+class BatchLogMel(LogMel):
+    """For training: `LogMel`'s features (within float32 rounding, not bit for bit) of a padded batch, computed
+    as one product of all frames with a windowed real-DFT matrix, then one with the mel filters.
+
+    On CUDA an FFT needs a plan for each new (batch, length) shape, and training batches rarely repeat a shape;
+    matrix products need none. audio (..., N) -> log-mel (..., T, N_MELS).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        n_freqs = N_FFT // 2 + 1
+        t = torch.arange(N_FFT, dtype=torch.float64)[:, None]
+        k = torch.arange(n_freqs, dtype=torch.float64)[None, :]
+        angle = 2 * torch.pi * t * k / N_FFT
+        window = torch.hann_window(WINDOW_SAMPLES, periodic=True, dtype=torch.float64)[:, None]
+        basis = torch.cat([angle.cos(), angle.sin()], dim=1) * window  # (N_FFT, 2 * n_freqs): re, -im
+        self.register_buffer("basis", basis.float(), persistent=False)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        if audio.shape[-1] < WINDOW_SAMPLES:
+            return audio.new_zeros(*audio.shape[:-1], 0, N_MELS)
+        spectrum = audio.unfold(-1, WINDOW_SAMPLES, HOP_SAMPLES) @ self.basis  # (..., T, 2 * n_freqs)
+        real, imag = spectrum.chunk(2, dim=-1)
+        power = real.square() + imag.square()
+        return (power @ self.fbanks).clamp_min(LOG_FLOOR).log()
+
+
 class Framer:
     """Cuts one stream's samples into the windows of its complete frames, carrying the leftover.
 

@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from asr.data import collate
-from asr.features import SAMPLE_RATE, LogMel
+from asr.features import SAMPLE_RATE, BatchLogMel
 from asr.model import ASRModel
 from asr.text import VOCAB
 from training.config import load_config
@@ -51,7 +51,7 @@ def main() -> None:
     if cfg.run.compile if args.compile is None else args.compile:
         model.compile_blocks()
     optimizer = make_optimizer(model, cfg.optim)
-    logmel = LogMel().to(device)
+    logmel = BatchLogMel().to(device)
     generator = torch.Generator(device=device).manual_seed(0)
     batch = random_batch(args.batch, args.seconds, torch.Generator().manual_seed(0))
     batch.audio = batch.audio.pin_memory()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from asr.data import SpeechDataset, bucket_batches, collate, read_source
-from asr.features import SAMPLE_RATE, LogMel
+from asr.features import SAMPLE_RATE, BatchLogMel, LogMel
 from asr.model import ASRModel
 from asr.text import Tokenizer
 from kernels.ssd_scan import ssd_scan  # what the model runs on CUDA
@@ -126,6 +126,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: run.compile)"
     )
+    p.add_argument(
+        "--fft-features",
+        action="store_true",
+        help="features by an FFT per frame (LogMel, as inference) instead of training's DFT product (BatchLogMel)",
+    )
     return p.parse_args()
 
 
@@ -142,8 +147,9 @@ def main() -> None:
     compiled = cfg.run.compile if args.compile is None else args.compile
     if compiled:
         model.compile_blocks()
+    extractor = LogMel() if args.fft_features else BatchLogMel()
     step = Step(
-        model, make_optimizer(model, cfg.optim), LogMel().to(device), cfg, torch.Generator(device).manual_seed(0)
+        model, make_optimizer(model, cfg.optim), extractor.to(device), cfg, torch.Generator(device).manual_seed(0)
     )
     index = {id(u): i for i, u in enumerate(utts)}
     batches = [[index[id(u)] for u in b] for b in bucket_batches(utts, cfg.data.max_batch_seconds, random.Random(0))]
@@ -161,17 +167,18 @@ def main() -> None:
     throughput_pass(step, it, args.warmup)
     audio_s, wall, shapes = throughput_pass(step, it, args.steps)
     times, phase_audio_s = phase_pass(step, it, args.steps)
-    report(args, cfg, model, compiled, audio_s, wall, shapes, times, phase_audio_s)
+    report(args, cfg, step, compiled, audio_s, wall, shapes, times, phase_audio_s)
 
 
-def report(args, cfg, model, compiled, audio_s, wall, shapes, times, phase_audio_s) -> None:
+def report(args, cfg, step: Step, compiled, audio_s, wall, shapes, times, phase_audio_s) -> None:
     b, f = max(shapes, key=lambda s: s[0] * s[1])
-    scan = scan_seconds(model, f, b) * args.steps  # upper bound: the largest batch shape every step
+    scan = scan_seconds(step.model, f, b) * args.steps  # upper bound: the largest batch shape every step
     rate = audio_s / wall
     mfu = rate * 3 * forward_flops_per_second_of_audio(cfg.model) / (cfg.run.peak_tflops * 1e12)
     d = cfg.data
     print(
-        f"\n{torch.cuda.get_device_name()} · compile {compiled} · workers {d.num_workers} (nice {d.worker_nice}) · "
+        f"\n{torch.cuda.get_device_name()} · compile {compiled} · {type(step.logmel).__name__} · "
+        f"workers {d.num_workers} (nice {d.worker_nice}) · "
         f"{args.steps} steps · {audio_s / args.steps:.0f} audio-s per batch"
     )
     print(f"throughput: {rate:,.0f} audio-s/s   MFU {100 * mfu:.2f}%   step {1000 * wall / args.steps:.0f} ms")

@@ -106,3 +106,14 @@ def test_cmvn_errors_and_round_trip() -> None:
     assert torch.equal(back.mean, cmvn.mean) and torch.equal(back.istd, cmvn.istd)
     with pytest.raises(ValueError, match="80 bins"):
         CMVN.from_dict({"mean": [0.0] * 3, "istd": [1.0] * 3})
+
+
+@pytest.mark.parametrize("n", [0, 399, 400, 16_000])
+def test_training_features_equal_the_fft_features(logmel: LogMel, n: int) -> None:
+    """BatchLogMel (training's DFT product) gives LogMel's features within float32 rounding: speech-like noise,
+    a pure tone (bins near the floor) and digital silence, batched and padded."""
+    g = torch.Generator().manual_seed(n)
+    audio = torch.stack([0.1 * torch.randn(n, generator=g), 0.5 * torch.sin(0.3 * torch.arange(n)), torch.zeros(n)])
+    expected, got = logmel(audio), F.BatchLogMel()(audio)
+    assert got.shape == expected.shape == (3, num_frames(n), F.N_MELS)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-3)

@@ -34,7 +34,7 @@ from asr.augment import AugmentConfig, Augmenter
 from asr.checkpoint import load_model
 from asr.data import DataError, DataSource, SpeechDataset, Utterance, bucket_batches, collate, mix, read_source
 from asr.evaluate import evaluate
-from asr.features import CMVN, SAMPLE_RATE, CMVNAccumulator, LogMel, frame_lengths
+from asr.features import CMVN, SAMPLE_RATE, BatchLogMel, CMVNAccumulator, LogMel, frame_lengths
 from asr.model import ASRModel
 from asr.text import Tokenizer, ctc_min_frames
 from training.config import DataConfig, OptimConfig, SourceConfig, TrainConfig
@@ -354,7 +354,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.optim))
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.run.seed + self.d.rank)
-        self.logmel = LogMel().to(self.device)
+        self.logmel = BatchLogMel().to(self.device)
         self.all_train = [u for s in self.data.train for u in s.utterances]
         show = progress and self.d.main
         self.load = AudioCache(self.all_train, os.cpu_count() or 1, show) if cfg.data.cache_audio else load_audio
