@@ -2,8 +2,8 @@
 # Continue training the default model on the GPU machine (device tool), in calls that each fit its
 # 10-minute limit. CONFIG is a stage config (configs/default-stage2.toml, configs/default-stage3.toml);
 # its [run] out_dir is the run directory.
-#   synth  [SEED]   carry .whl .tts .text .data/fsdd       make the synthetic corpus (60 planned hours + dev)
-#                                                           on 16 cores; a new seed gives new sentences
+#   synth  [SEED] [HOURS]  carry .whl .tts .text .data/fsdd  make the synthetic corpus (HOURS planned, default 60,
+#                                                           + dev) on 16 cores; a new seed gives new sentences
 #   train  [SECS]   carry .data/speechocean762-train       train from models/default, or resume, for up to
 #                                                           SECS (540); SIGTERM saves a checkpoint
 #   export          (no carry)                              the newest checkpoint as float16 into $OUT/model,
@@ -17,7 +17,7 @@ case "${2:?usage: device_train.sh CONFIG synth|train|export [ARG]}" in
   synth)
     text=.text/sentences.norm.txt.xz
     seed=${3:-0}
-    time python3 -m asr synth --out data/synth --hours 60 --split train --engines espeak,flite --jobs 16 \
+    time python3 -m asr synth --out data/synth --hours "${4:-60}" --split train --engines espeak,flite --jobs 16 \
       --text $text --seed "$seed"
     time python3 -m asr synth --out data/synth --hours 0.6 --split dev --engines espeak,flite --jobs 16 --text $text
     ;;
