@@ -51,6 +51,19 @@ def frame_lengths(sample_lengths: torch.Tensor) -> torch.Tensor:
     return frames.clamp_min(0)
 
 
+def mel_filters() -> torch.Tensor:
+    """The mel filter bank (N_FFT // 2 + 1, N_MELS): power spectrum bins -> mel bands (Slaney scale and norm)."""
+    return torchaudio.functional.melscale_fbanks(
+        n_freqs=N_FFT // 2 + 1,
+        f_min=0.0,
+        f_max=SAMPLE_RATE / 2,
+        n_mels=N_MELS,
+        sample_rate=SAMPLE_RATE,
+        norm="slaney",
+        mel_scale="slaney",
+    )
+
+
 class LogMel(torch.nn.Module):
     """Offline extractor. audio (..., N) float32 in [-1, 1] -> log-mel (..., T, N_MELS).
 
@@ -66,16 +79,7 @@ class LogMel(torch.nn.Module):
         self.spectrogram = torchaudio.transforms.Spectrogram(
             n_fft=N_FFT, win_length=WINDOW_SAMPLES, hop_length=HOP_SAMPLES, center=False, power=2.0
         )
-        fbanks = torchaudio.functional.melscale_fbanks(
-            n_freqs=N_FFT // 2 + 1,
-            f_min=0.0,
-            f_max=SAMPLE_RATE / 2,
-            n_mels=N_MELS,
-            sample_rate=SAMPLE_RATE,
-            norm="slaney",
-            mel_scale="slaney",
-        )
-        self.register_buffer("fbanks", fbanks, persistent=False)  # (N_FFT // 2 + 1, N_MELS)
+        self.register_buffer("fbanks", mel_filters(), persistent=False)
 
     def frames(self, windows: torch.Tensor) -> torch.Tensor:
         """windows (T, WINDOW_SAMPLES), one frame's samples each (see `Framer`) -> log-mel (T, N_MELS).
@@ -94,16 +98,15 @@ class LogMel(torch.nn.Module):
         return mel.reshape(*lead, power.shape[-2], N_MELS).clamp_min(LOG_FLOOR).log()
 
 
-class BatchLogMel(LogMel):
-    """For training: `LogMel`'s features (within float32 rounding, not bit for bit) of a padded batch, computed
-    as one product of all frames with a windowed real-DFT matrix, then one with the mel filters.
-
-    On CUDA an FFT needs a plan for each new (batch, length) shape, and training batches rarely repeat a shape;
-    matrix products need none. audio (..., N) -> log-mel (..., T, N_MELS).
+class BatchLogMel(torch.nn.Module):
+    """For training: `LogMel`'s features (within float32 rounding, not bit for bit, so never for streaming) of a
+    padded batch, as one product of all frames with a windowed real-DFT matrix, then one with the mel filters:
+    no FFT plan per batch shape. audio (..., N) -> log-mel (..., T, N_MELS).
     """
 
     def __init__(self) -> None:
         super().__init__()
+        self.register_buffer("fbanks", mel_filters(), persistent=False)
         n_freqs = N_FFT // 2 + 1
         t = torch.arange(N_FFT, dtype=torch.float64)[:, None]
         k = torch.arange(n_freqs, dtype=torch.float64)[None, :]

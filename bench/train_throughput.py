@@ -16,16 +16,18 @@ import argparse
 import dataclasses
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from asr.data import SpeechDataset, bucket_batches, collate, read_source
-from asr.features import SAMPLE_RATE, BatchLogMel, LogMel
+from asr.features import ENCODER_FRAME_SAMPLES, SAMPLE_RATE, BatchLogMel, LogMel
 from asr.model import ASRModel
 from asr.text import Tokenizer
 from kernels.ssd_scan import ssd_scan  # what the model runs on CUDA
-from training.config import load_config
+from training.config import TrainConfig, load_config
 from training.loop import (
     AudioCache,
     batch_features,
@@ -36,8 +38,10 @@ from training.loop import (
 )
 from training.metrics import forward_flops_per_second_of_audio
 
+T = TypeVar("T")
 
-def cuda_time(fn, *args):
+
+def cuda_time(fn: Callable[..., T], *args) -> tuple[T, float]:
     """(fn(*args), seconds from the call to the device finishing its work)."""
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -70,21 +74,32 @@ class Step:
 
     model: ASRModel
     optimizer: torch.optim.Optimizer
-    logmel: LogMel
-    cfg: object
+    logmel: LogMel | BatchLogMel
+    cfg: TrainConfig
     generator: torch.Generator
 
     def features(self, batch):
         return batch_features(batch, self.logmel, self.model.cmvn_mean, self.cfg, torch.device("cuda"), self.generator)
 
     def update(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def throughput_pass(step: Step, it, steps: int) -> tuple[float, float, list[tuple[int, int]]]:
-    """Steps as training runs them. Returns (audio seconds, wall seconds, (batch, encoder frames) shapes)."""
+@dataclasses.dataclass
+class Pass:
+    """What a timed pass measured: audio seconds, wall seconds, the batches' (utterances, encoder frames) and,
+    for the phase pass, seconds per phase."""
+
+    audio_s: float = 0.0
+    wall: float = 0.0
+    shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def throughput_pass(step: Step, it, steps: int) -> Pass:
+    """Steps as training runs them."""
     audio_s, shapes = 0.0, []
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -94,13 +109,13 @@ def throughput_pass(step: Step, it, steps: int) -> tuple[float, float, list[tupl
         forward_backward(step.model, feats, lengths, batch, step.cfg)
         step.update()
         audio_s += float(batch.audio_lengths.sum()) / SAMPLE_RATE
-        shapes.append((batch.audio.shape[0], -(-batch.audio.shape[1] // 640)))
+        shapes.append((batch.audio.shape[0], -(-batch.audio.shape[1] // ENCODER_FRAME_SAMPLES)))
     torch.cuda.synchronize()
-    return audio_s, time.perf_counter() - start, shapes
+    return Pass(audio_s, time.perf_counter() - start, shapes)
 
 
-def phase_pass(step: Step, it, steps: int) -> tuple[dict[str, float], float]:
-    """Steps with the device drained after each phase. Returns (seconds per phase, audio seconds)."""
+def phase_pass(step: Step, it, steps: int) -> Pass:
+    """Steps with the device drained after each phase."""
     times = {"data": 0.0, "features": 0.0, "forward+backward": 0.0, "optimizer": 0.0}
     audio_s = 0.0
     for _ in range(steps):
@@ -112,7 +127,7 @@ def phase_pass(step: Step, it, steps: int) -> tuple[dict[str, float], float]:
         times["forward+backward"] += cuda_time(forward_backward, step.model, feats, lengths, batch, step.cfg)[1]
         times["optimizer"] += cuda_time(step.update)[1]
         audio_s += float(batch.audio_lengths.sum()) / SAMPLE_RATE
-    return times, audio_s
+    return Pass(audio_s, sum(times.values()), phases=times)
 
 
 def parse_args() -> argparse.Namespace:
@@ -122,7 +137,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40, help="steps in each timed pass (default 40)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--num-workers", type=int, help="loader workers (default: the config's data.num_workers)")
-    p.add_argument("--worker-nice", type=int, help="loader workers' niceness (default: data.worker_nice)")
+    p.add_argument(
+        "--worker-nice", type=int, choices=range(20), metavar="0-19", help="loader workers' niceness (data.worker_nice)"
+    )
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: run.compile)"
     )
@@ -165,31 +182,27 @@ def main() -> None:
     )
     it = iter(loader)
     throughput_pass(step, it, args.warmup)
-    audio_s, wall, shapes = throughput_pass(step, it, args.steps)
-    times, phase_audio_s = phase_pass(step, it, args.steps)
-    report(args, cfg, step, compiled, audio_s, wall, shapes, times, phase_audio_s)
+    report(step, compiled, throughput_pass(step, it, args.steps), phase_pass(step, it, args.steps))
 
 
-def report(args, cfg, step: Step, compiled, audio_s, wall, shapes, times, phase_audio_s) -> None:
-    b, f = max(shapes, key=lambda s: s[0] * s[1])
-    scan = scan_seconds(step.model, f, b) * args.steps  # upper bound: the largest batch shape every step
-    rate = audio_s / wall
-    mfu = rate * 3 * forward_flops_per_second_of_audio(cfg.model) / (cfg.run.peak_tflops * 1e12)
-    d = cfg.data
+def report(step: Step, compiled: bool, run: Pass, phases: Pass) -> None:
+    steps, d = len(run.shapes), step.cfg.data
+    b, f = max(run.shapes, key=lambda s: s[0] * s[1])
+    scan = scan_seconds(step.model, f, b) * steps  # upper bound: the largest batch shape every step
+    rate = run.audio_s / run.wall
+    mfu = rate * 3 * forward_flops_per_second_of_audio(step.cfg.model) / (step.cfg.run.peak_tflops * 1e12)
     print(
         f"\n{torch.cuda.get_device_name()} · compile {compiled} · {type(step.logmel).__name__} · "
-        f"workers {d.num_workers} (nice {d.worker_nice}) · "
-        f"{args.steps} steps · {audio_s / args.steps:.0f} audio-s per batch"
+        f"workers {d.num_workers} (nice {d.worker_nice}) · {steps} steps · {run.audio_s / steps:.0f} audio-s per batch"
     )
-    print(f"throughput: {rate:,.0f} audio-s/s   MFU {100 * mfu:.2f}%   step {1000 * wall / args.steps:.0f} ms")
-    phase_wall = sum(times.values())
-    print(f"phase pass (device drained after each phase): {phase_audio_s / phase_wall:,.0f} audio-s/s")
+    print(f"throughput: {rate:,.0f} audio-s/s   MFU {100 * mfu:.2f}%   step {1000 * run.wall / steps:.0f} ms")
+    print(f"phase pass (device drained after each phase): {phases.audio_s / phases.wall:,.0f} audio-s/s")
     print("| phase | ms/step | share |\n|---|---|---|")
-    for name, sec in times.items():
-        print(f"| {name} | {1000 * sec / args.steps:.1f} | {100 * sec / phase_wall:.0f}% |")
+    for name, sec in phases.phases.items():
+        print(f"| {name} | {1000 * sec / steps:.1f} | {100 * sec / phases.wall:.0f}% |")
     print(
-        f"| of which selective scan (fwd+bwd, {b}x{f} frames) | {1000 * scan / args.steps:.1f} | "
-        f"{100 * scan / phase_wall:.0f}% |"
+        f"| of which selective scan (fwd+bwd, {b}x{f} frames) | {1000 * scan / steps:.1f} | "
+        f"{100 * scan / phases.wall:.0f}% |"
     )
 
 

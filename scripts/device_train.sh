@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Continue training the default model on the GPU machine (device tool), in calls that each fit its
-# 10-minute limit. CONFIG is a stage config (configs/default-stage2.toml, configs/default-stage3.toml);
+# 10-minute limit. CONFIG is a stage config (configs/default-stage2.toml ... configs/default-stage6.toml);
 # its [run] out_dir is the run directory.
 #   synth  [SEED] [HOURS]  carry .whl .tts .text .data/fsdd  make the synthetic corpus (HOURS planned, default 60,
 #                                                           + dev) on 16 cores; a new seed gives new sentences
@@ -8,12 +8,12 @@
 #                                                           SECS (540); SIGTERM saves a checkpoint
 #   export          (no carry)                              the newest checkpoint as float16 into $OUT/model,
 #                                                           plus the run's curves
-# Example: bash scripts/device_train.sh configs/default-stage3.toml train 540
+# Example: bash scripts/device_train.sh configs/default-stage5.toml synth 3 60, then ... train 540
 set -euo pipefail
 source scripts/device_env.sh
-config=${1:?usage: device_train.sh CONFIG synth|train|export [ARG]}
+config=${1:?usage: device_train.sh CONFIG synth [SEED [HOURS]]|train [SECS]|export}
 run=$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["run"]["out_dir"])' "$config")
-case "${2:?usage: device_train.sh CONFIG synth|train|export [ARG]}" in
+case "${2:?usage: device_train.sh CONFIG synth [SEED [HOURS]]|train [SECS]|export}" in
   synth)
     text=.text/sentences.norm.txt.xz
     seed=${3:-0}

@@ -16,10 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from asr.cli import main as asr_main
+from asr.data import SpeechDataset, collate, read_source
+from asr.features import BatchLogMel
 from asr.model import ASRModel
+from asr.text import Tokenizer
 from tests.conftest import TINY
 from training.config import ConfigError, OptimConfig, SpecAugmentConfig, load_config, parse_config
-from training.loop import lr_factor, make_optimizer, train, worker_init
+from training.loop import batch_features, lr_factor, make_optimizer, train, worker_init
 from training.specaugment import spec_augment
 from training.state import latest_checkpoint
 
@@ -113,6 +116,27 @@ def test_loader_workers_yield_the_cpu_to_the_main_process() -> None:
     )
     main = os.nice(0)
     assert list(loader) == [min(19, main + 7)] * 2 and os.nice(0) == main
+
+
+@pytest.mark.gpu
+def test_features_and_forward_never_wait_for_the_gpu(tiny_corpus: Path) -> None:
+    """A step's host work runs ahead of the device up to the CTC loss: no synchronising call in the features,
+    SpecAugment or the forward pass (a blocking copy, `.item()`, a length read back) while the device computes."""
+    cfg = parse_config({"data": {"train": [{"path": str(tiny_corpus)}]}})
+    ds = SpeechDataset(read_source(tiny_corpus).utterances[:4], Tokenizer())
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate, pin_memory=True)))
+    device = torch.device("cuda")
+    model = ASRModel(TINY).to(device)
+    logmel, generator = BatchLogMel().to(device), torch.Generator(device).manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        feats, lengths = batch_features(batch, logmel, model.cmvn_mean, cfg, device, generator)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(feats)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert logits.shape[:2] == (4, int(ASRModel.output_lengths(lengths).max())) and lengths.device.type == "cpu"
 
 
 def test_schedule() -> None:

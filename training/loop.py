@@ -217,7 +217,7 @@ def make_augmenter(cfg: DataConfig, utts: Sequence[Utterance], load) -> Augmente
 
 
 @torch.no_grad()
-def compute_cmvn(data: TrainData, cfg: TrainConfig, logmel: LogMel, device: torch.device, load) -> CMVN:
+def compute_cmvn(data: TrainData, cfg: TrainConfig, logmel: LogMel | BatchLogMel, device: torch.device, load) -> CMVN:
     """Global CMVN from the first `cmvn_batches` batches of epoch 0 (no augmentation)."""
     utts, batches = epoch_plan(data, cfg, 0)
     acc = CMVNAccumulator()
@@ -247,7 +247,12 @@ def ctc_loss(logits: torch.Tensor, out_lengths: torch.Tensor, batch) -> torch.Te
 
 @torch.no_grad()
 def batch_features(
-    batch, logmel: LogMel, cmvn_mean: torch.Tensor, cfg: TrainConfig, device: torch.device, generator: torch.Generator
+    batch,
+    logmel: LogMel | BatchLogMel,
+    cmvn_mean: torch.Tensor,
+    cfg: TrainConfig,
+    device: torch.device,
+    generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-mel on the device, then SpecAugment: feats (B, T, n_mels), valid frames (B,) on the CPU.
 
