@@ -332,9 +332,18 @@ def _add_lm(sub: argparse._SubParsersAction) -> None:
         description="Build OUT (a model's lm/ directory: lm.bin, lexicon.txt, decoder.json) from text with KenLM's "
         "lmplz and build_binary (scripts/build_kenlm.sh builds them; `make setup` does it). Lines are "
         "normalized like training targets; `source<TAB>sentence` lines are read as the sentence. The lexicon "
-        "is every word of the text: the beam search writes no other word.",
+        "is every word of the text and of the --words lists: the beam search writes no other word.",
     )
     p.add_argument("--text", type=Path, nargs="+", required=True, metavar="FILE", help="text files (.xz ok)")
+    p.add_argument(
+        "--words",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="word lists, one word a line (.xz ok), e.g. /usr/share/dict/american-english (Debian's wamerican): "
+        "each word the text lacks joins the lexicon, with the LM probability of a word seen once",
+    )
     p.add_argument("--out", type=Path, required=True, help="directory to write, e.g. models/default/lm")
     p.add_argument("--order", type=_positive_int, default=4, help="n-gram order (default: 4)")
     p.add_argument(
@@ -360,20 +369,21 @@ def _add_lm(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_lm(args: argparse.Namespace) -> int:
-    from asr.lm import build_lm, lm_sentences
+    from asr.lm import build_lm, lm_sentences, word_list
     from asr.synth import sentence_split
 
     keep = (lambda text: sentence_split(text) == "train") if args.split == "train" else None
     config = BeamConfig(beam_size=args.beam_size, lm_weight=args.lm_weight, word_score=args.word_score)
     try:
-        summary = build_lm(
-            lm_sentences(args.text, keep), args.out, args.order, tuple(args.prune), config, args.kenlm_bin
-        )
+        words = word_list(args.words)
+        sentences = lm_sentences(args.text, keep)
+        summary = build_lm(sentences, args.out, args.order, tuple(args.prune), config, args.kenlm_bin, words)
     except LMError as e:
         raise CLIError(str(e)) from e
     print(
         f"{args.out}: {summary.order}-gram LM from {summary.sentences} sentences ({summary.words} words), "
-        f"lexicon {summary.lexicon} words, lm.bin {summary.size_bytes / 1e6:.1f} MB"
+        f"lexicon {summary.lexicon} words ({summary.added_words} from word lists), "
+        f"lm.bin {summary.size_bytes / 1e6:.1f} MB"
     )
     return 0
 

@@ -290,6 +290,21 @@ def lm_sentences(paths: Iterable[Path], keep: Callable[[str], bool] | None = Non
             raise LMError(f"cannot read {path}: {e}") from e
 
 
+def word_list(paths: Iterable[Path]) -> list[str]:
+    """The words of word-list files (one a line, .xz ok, e.g. Debian's /usr/share/dict/american-english),
+    normalized like training targets; entries that normalize to nothing or to several words are left out."""
+    words: set[str] = set()
+    for path in paths:
+        try:
+            for line in read_lines(path):
+                word = normalize(line)
+                if word and " " not in word:
+                    words.add(word)
+        except (OSError, lzma.LZMAError, UnicodeDecodeError) as e:
+            raise LMError(f"cannot read {path}: {e}") from e
+    return sorted(words)
+
+
 def write_lexicon(words: Iterable[str], path: Path) -> int:
     """One `WORD W O R D |` line per word (a word ends with a space); returns the number of words."""
     lines = [f"{w} {' '.join(w)} {_SIL_TOKEN}\n" for w in sorted(set(words))]
@@ -321,6 +336,7 @@ class LMSummary:
     lexicon: int  # distinct words
     order: int
     size_bytes: int
+    added_words: int = 0  # words of the word lists that the text lacked
 
 
 def build_lm(
@@ -330,11 +346,14 @@ def build_lm(
     prune: tuple[int, ...] = (0, 0, 1, 1),
     config: BeamConfig | None = None,
     kenlm_bin: Path | None = None,
+    extra_words: Iterable[str] = (),
 ) -> LMSummary:
     """Write `out` (an `lm/` directory) from normalized sentences with KenLM.
 
     `prune` gives lmplz's count thresholds per order (0: keep all); the default drops 3- and
-    4-grams seen once, which keeps the default model's LM at a few MB.
+    4-grams seen once, which keeps the default model's LM at a few MB. Each of `extra_words` that the
+    sentences lack goes into the LM as a sentence of its own (so it gets the unigram probability of a word
+    seen once, where an unknown word would get KenLM's <unk>) and into the lexicon.
     """
     if order < 2 or len(prune) > order:
         raise LMError(f"order must be >= 2 and prune at most `order` thresholds, got {order}, {prune}")
@@ -349,8 +368,11 @@ def build_lm(
                 f.write(s + "\n")
                 counts.update(s.split())
                 n += 1
-        if n == 0:
-            raise LMError("no text to build a language model from")
+            if n == 0:
+                raise LMError("no text to build a language model from")
+            added = [w for w in extra_words if w not in counts]
+            f.writelines(w + "\n" for w in added)
+            counts.update(added)
         prune_args = ["--prune", *map(str, prune)] if any(prune) else []
         with text.open() as stdin, arpa.open("w") as stdout:
             _run(
@@ -361,4 +383,4 @@ def build_lm(
         _run([build_binary, "-q", "8", "-b", "8", "-a", "22", "trie", str(arpa), str(out / LM_FILE)])
     lexicon = write_lexicon(counts, out / LEXICON_FILE)
     (out / DECODER_FILE).write_text(json.dumps(asdict(config or BeamConfig()), indent=2) + "\n")
-    return LMSummary(n, sum(counts.values()), lexicon, order, (out / LM_FILE).stat().st_size)
+    return LMSummary(n, sum(counts.values()) - len(added), lexicon, order, (out / LM_FILE).stat().st_size, len(added))

@@ -23,6 +23,7 @@ from asr.lm import (
     SegmentRescorer,
     build_lm,
     lm_sentences,
+    word_list,
 )
 from asr.text import BLANK_ID, SPACE_ID, VOCAB
 
@@ -61,6 +62,24 @@ def test_build_writes_lm_lexicon_and_decoder_settings(tmp_path: Path, sentences_
     assert BeamConfig.from_json(out / DECODER_FILE) == BeamConfig(lm_weight=1.5)
     kept = list(lm_sentences([sentences_file], keep=lambda t: "RIVER" in t))
     assert kept and all("RIVER" in t for t in kept) and len(kept) < 400
+
+
+def test_word_lists_add_words_the_beam_search_can_write(
+    tmp_path: Path, sentences_file: Path, tiny_lm_dir: Path
+) -> None:
+    words_file = tmp_path / "words"
+    words_file.write_text("zyzzyva\nriver\nad hoc\n\ncafé\n")
+    words = word_list([words_file])
+    assert words == ["CAFE", "RIVER", "ZYZZYVA"]  # normalized; a two-word entry is left out
+    out = tmp_path / "lm"
+    summary = build_lm(lm_sentences([sentences_file]), out, order=3, prune=(0,), extra_words=words)
+    assert summary.added_words == 2 and summary.sentences == 400  # RIVER was in the text already
+    assert "ZYZZYVA Z Y Z Z Y V A |" in (out / LEXICON_FILE).read_text().splitlines()
+    lp = _emissions(_spell("THE ZYZZYVA"))
+    assert [w for w, *_ in _search(out).words(lp)] == ["THE", "ZYZZYVA"]
+    assert "ZYZZYVA" not in [w for w, *_ in _search(tiny_lm_dir).words(lp)]  # without the list it cannot
+    with pytest.raises(LMError, match="cannot read"):
+        word_list([tmp_path / "missing"])
 
 
 def test_beam_search_writes_lexicon_words_with_frames(tiny_lm_dir: Path) -> None:
@@ -127,8 +146,11 @@ def test_cli_builds_and_uses_an_lm(
     tmp_path: Path, sentences_file: Path, tiny_model_dir: Path, speech_wav: Path, capsys
 ) -> None:
     out = tmp_path / "lm"
-    assert main(["lm", "--text", str(sentences_file), "--out", str(out), "--order", "3", "--prune", "0"]) == 0
-    assert "3-gram LM from 400 sentences" in capsys.readouterr().out
+    (tmp_path / "words").write_text("zyzzyva\n")
+    build = ["lm", "--text", str(sentences_file), "--words", str(tmp_path / "words"), "--out", str(out)]
+    assert main([*build, "--order", "3", "--prune", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "3-gram LM from 400 sentences" in printed and "(1 from word lists)" in printed
     lexicon = {line.split()[0] for line in (out / LEXICON_FILE).read_text().splitlines()}
     args = ["transcribe", str(speech_wav), "--model", str(tiny_model_dir), "-f", "json", "-o", str(tmp_path), "-q"]
     assert main([*args, "--lm", str(out), "--lm-weight", "3"]) == 0
