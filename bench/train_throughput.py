@@ -144,6 +144,12 @@ def parse_args() -> argparse.Namespace:
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: run.compile)"
     )
     p.add_argument(
+        "--augment-on-device",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reverb and noise on the GPU instead of in the workers (default: data.augment.on_device)",
+    )
+    p.add_argument(
         "--fft-features",
         action="store_true",
         help="features by an FFT per frame (LogMel, as inference) instead of training's DFT product (BatchLogMel)",
@@ -156,6 +162,10 @@ def main() -> None:
     cfg = load_config(args.config)
     overrides = {"num_workers": args.num_workers, "worker_nice": args.worker_nice}
     data_cfg = dataclasses.replace(cfg.data, **{k: v for k, v in overrides.items() if v is not None})
+    if args.augment_on_device is not None:
+        data_cfg = dataclasses.replace(
+            data_cfg, augment=dataclasses.replace(data_cfg.augment, on_device=args.augment_on_device)
+        )
     cfg = dataclasses.replace(cfg, data=data_cfg)
     device = torch.device("cuda")
     utts = list(read_source(args.data).utterances)
@@ -193,7 +203,8 @@ def report(step: Step, compiled: bool, run: Pass, phases: Pass) -> None:
     mfu = rate * 3 * forward_flops_per_second_of_audio(step.cfg.model) / (step.cfg.run.peak_tflops * 1e12)
     print(
         f"\n{torch.cuda.get_device_name()} · compile {compiled} · {type(step.logmel).__name__} · "
-        f"workers {d.num_workers} (nice {d.worker_nice}) · {steps} steps · {run.audio_s / steps:.0f} audio-s per batch"
+        f"workers {d.num_workers} (nice {d.worker_nice}) · reverb+noise on {'GPU' if d.augment.on_device else 'CPU'} · "
+        f"{steps} steps · {run.audio_s / steps:.0f} audio-s per batch"
     )
     print(f"throughput: {rate:,.0f} audio-s/s   MFU {100 * mfu:.2f}%   step {1000 * run.wall / steps:.0f} ms")
     print(f"phase pass (device drained after each phase): {phases.audio_s / phases.wall:,.0f} audio-s/s")

@@ -22,14 +22,16 @@ from asr.model import ASRModel
 from asr.text import Tokenizer
 from tests.conftest import TINY
 from training.config import ConfigError, OptimConfig, SpecAugmentConfig, load_config, parse_config
-from training.loop import batch_features, lr_factor, make_optimizer, train, worker_init
+from training.loop import batch_features, lr_factor, make_augmenter, make_optimizer, train, worker_init
 from training.specaugment import spec_augment
 from training.state import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config(tmp_path: Path, corpus: Path, name: str = "run", workers: int = 0, **run) -> Path:
+def _config(
+    tmp_path: Path, corpus: Path, name: str = "run", workers: int = 0, augment_on_device: bool = False, **run
+) -> Path:
     """A tiny CPU training config over the test corpus (`workers` loader processes); returns the TOML path."""
     dims = ", ".join(f"{k} = {v}" for k, v in TINY.to_dict().items())
     run_items = {
@@ -52,6 +54,8 @@ max_batch_seconds = 9.0
 num_workers = {workers}
 dev_limit = 3
 max_ctc_density = 1.0
+[data.augment]
+on_device = {json.dumps(augment_on_device)}
 [optim]
 max_steps = 14
 warmup_steps = 3
@@ -139,6 +143,20 @@ def test_features_and_forward_never_wait_for_the_gpu(tiny_corpus: Path) -> None:
     assert logits.shape[:2] == (4, int(ASRModel.output_lengths(lengths).max())) and lengths.device.type == "cpu"
 
 
+def test_reverb_and_noise_move_from_the_workers_to_the_device(tiny_corpus: Path) -> None:
+    utts = read_source(tiny_corpus).utterances[:4]
+    batch = collate([SpeechDataset(utts, Tokenizer())[i] for i in range(4)])
+    args = (BatchLogMel(), torch.zeros(TINY.n_mels))
+    feats = {}
+    for on_device in (False, True):
+        raw = {"train": [{"path": str(tiny_corpus)}], "augment": {"noise": 1.0, "on_device": on_device}}
+        cfg = parse_config({"data": raw, "spec_augment": {"freq_masks": 0, "time_masks": 0}})
+        feats[on_device], _ = batch_features(batch, *args, cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
+        workers = make_augmenter(cfg.data, utts, load=None).config
+        assert (workers.noise, workers.reverb) == ((0.0, 0.0) if on_device else (1.0, cfg.data.augment.reverb))
+    assert not torch.allclose(feats[True], feats[False], atol=1e-3)  # the device added noise
+
+
 def test_schedule() -> None:
     cfg = OptimConfig(warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
@@ -171,12 +189,15 @@ def test_spec_augment_masks() -> None:
     assert torch.equal(out, again)
 
 
-@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "2-loader-workers"])
-def test_resume_is_exact(tmp_path: Path, tiny_corpus: Path, workers: int) -> None:
+@pytest.mark.parametrize(
+    ("workers", "on_device"), [(0, False), (2, False), (0, True)], ids=["in-process", "2-loader-workers", "on-device"]
+)
+def test_resume_is_exact(tmp_path: Path, tiny_corpus: Path, workers: int, on_device: bool) -> None:
     """14 steps straight equal 5 steps, then a resume for 9 more; the 14 steps run through several epochs of the
-    tiny corpus, and with loader workers one loader serves them all."""
-    straight = train(load_config(_config(tmp_path, tiny_corpus, "a", workers)), progress=False)
-    cfg_b = load_config(_config(tmp_path, tiny_corpus, "b", workers))
+    tiny corpus, and with loader workers one loader serves them all. With reverb and noise on the device, their
+    draws come from the run's device generator, which checkpoints save."""
+    straight = train(load_config(_config(tmp_path, tiny_corpus, "a", workers, on_device)), progress=False)
+    cfg_b = load_config(_config(tmp_path, tiny_corpus, "b", workers, on_device))
     first = train(cfg_b, progress=False, until_step=5)
     assert first.step == 5
     second = train(cfg_b, resume=tmp_path / "b", progress=False)

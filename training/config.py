@@ -44,6 +44,7 @@ class AugmentSection:
     telephone: float = 0.05
     codec: float = 0.05
     babble_share: float = 0.3
+    on_device: bool = False  # reverb and noise per batch on the training device (training.device_augment)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from asr.features import CMVN, SAMPLE_RATE, BatchLogMel, CMVNAccumulator, LogMel
 from asr.model import ASRModel
 from asr.text import Tokenizer, ctc_min_frames
 from training.config import DataConfig, OptimConfig, SourceConfig, TrainConfig
+from training.device_augment import augment_batch
 from training.metrics import MetricsLogger, Row, forward_flops_per_second_of_audio
 from training.specaugment import spec_augment
 from training.state import TrainerState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
@@ -202,9 +203,11 @@ def epoch_plan(data: TrainData, cfg: TrainConfig, epoch: int) -> tuple[list[Utte
 
 
 def make_augmenter(cfg: DataConfig, utts: Sequence[Utterance], load) -> Augmenter:
+    """The loader workers' augmentations; without reverb and noise when `batch_features` does those on the device."""
     a = cfg.augment
+    reverb, noise = (0.0, 0.0) if a.on_device else (a.reverb, a.noise)
     config = AugmentConfig(
-        speed=a.speed, noise=a.noise, reverb=a.reverb, telephone=a.telephone, codec=a.codec, babble_share=a.babble_share
+        speed=a.speed, noise=noise, reverb=reverb, telephone=a.telephone, codec=a.codec, babble_share=a.babble_share
     )
 
     def babble_source(rng: np.random.Generator) -> list[torch.Tensor]:
@@ -254,11 +257,17 @@ def batch_features(
     device: torch.device,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-mel on the device, then SpecAugment: feats (B, T, n_mels), valid frames (B,) on the CPU.
+    """Reverb and noise on the device if `data.augment.on_device`, log-mel, then SpecAugment: feats (B, T, n_mels),
+    valid frames (B,) on the CPU.
 
     No step of training waits for the device until the CTC loss reads its lengths (copies are non-blocking
     from the loader's pinned memory), so the host queues a step's work while the device runs the last one's."""
-    feats = logmel(batch.audio.to(device, non_blocking=True))
+    audio = batch.audio.to(device, non_blocking=True)
+    a = cfg.data.augment
+    if a.on_device:
+        samples = batch.audio_lengths.to(device, non_blocking=True)
+        audio = augment_batch(audio, samples, a.reverb, a.noise, a.babble_share, generator)
+    feats = logmel(audio)
     lengths = frame_lengths(batch.audio_lengths)
     masked = spec_augment(feats, lengths.to(device, non_blocking=True), cfg.spec_augment, generator, cmvn_mean)
     return masked, lengths
