@@ -139,7 +139,7 @@ def test_dataset_and_collate(tiny_corpus: Path, tmp_path: Path) -> None:
 def test_loader_pins_batches_so_copies_to_the_gpu_do_not_block(tiny_corpus: Path) -> None:
     ds = SpeechDataset(read_source(tiny_corpus).utterances[:4], Tokenizer())
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate, pin_memory=True)))
-    assert batch.audio.is_pinned() and batch.targets.is_pinned()
+    assert batch.audio.is_pinned() and batch.audio_lengths.is_pinned() and batch.targets.is_pinned()
 
 
 def test_dataset_augmentation_is_reproducible(tiny_corpus: Path) -> None:

@@ -41,14 +41,27 @@ def test_noise_hits_each_rows_snr_and_leaves_padding_silent(monkeypatch: pytest.
             assert not out[i, n:].any()
 
 
-def test_babble_is_other_rows_of_the_batch() -> None:
+def _in_span(rows: torch.Tensor, x: torch.Tensor) -> bool:
+    coef = torch.linalg.lstsq(rows.T, x).solution
+    return torch.allclose(rows.T @ coef, x, atol=1e-3)
+
+
+def test_babble_is_other_rows_of_the_batch_repeated_to_length() -> None:
     audio, lengths = _batch(LENGTHS)
     valid = torch.arange(audio.shape[1]) < lengths[:, None]
-    mix = D.babble(audio, valid, _g(2))
-    for i in range(len(LENGTHS)):  # row i's babble lies in the span of the other rows, not its own
-        others = torch.cat([audio[:i], audio[i + 1 :]]).T
-        coef = torch.linalg.lstsq(others, mix[i]).solution
-        assert torch.allclose(others @ coef, mix[i], atol=1e-3)
+    mix = D.babble(audio, lengths, valid, _g(2))
+    n = audio.shape[1]
+    tiled = torch.stack([audio[j].repeat(2)[torch.arange(n) % LENGTHS[j]] for j in range(len(LENGTHS))])
+    for i in range(len(LENGTHS)):  # row i's babble lies in the span of the other rows, repeated, not its own
+        assert _in_span(torch.cat([tiled[:i], tiled[i + 1 :]]), mix[i])
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_noise_is_babble_in_its_share(share: float) -> None:
+    audio, lengths = _batch([24_000] * 5)
+    noise = D.augment_batch(audio, lengths, 0.0, 1.0, share, _g(5)) - audio
+    for i in range(5):
+        assert _in_span(torch.cat([audio[:i], audio[i + 1 :]]), noise[i]) == (share == 1.0)
 
 
 def test_noise_colours_have_their_slopes() -> None:
@@ -69,5 +82,8 @@ def test_reverb_keeps_lengths_and_peaks_and_reproduces() -> None:
     for i, n in enumerate(LENGTHS):
         assert not out[i, n:].any() and not torch.allclose(out[i, :n], audio[i, :n], atol=1e-3)
         assert out[i].abs().max() == pytest.approx(audio[i].abs().max().item(), rel=1e-5)
-    rir = D.room_impulse_responses(4, audio, _g(4))
-    assert torch.allclose(rir.square().sum(-1), torch.ones(4)) and (rir[:, 0] > rir[:, 1:].abs().amax(-1)).all()
+    rir = D.room_impulse_responses(8, audio, _g(4))
+    assert torch.allclose(rir.square().sum(-1), torch.ones(8)) and (rir[:, 0] > rir[:, 1:].abs().amax(-1)).all()
+    assert not rir[:, 1:32].any()  # the reflections arrive 2-10 ms after the direct path
+    ends = [int(row.nonzero().max()) / 16000 for row in rir]  # and stop at each row's rt60
+    assert all(D.RT60_S[0] - 0.01 < e <= D.RT60_S[1] for e in ends) and len(set(ends)) == 8

@@ -123,10 +123,12 @@ def test_loader_workers_yield_the_cpu_to_the_main_process() -> None:
 
 
 @pytest.mark.gpu
-def test_features_and_forward_never_wait_for_the_gpu(tiny_corpus: Path) -> None:
-    """A step's host work runs ahead of the device up to the CTC loss: no synchronising call in the features,
-    SpecAugment or the forward pass (a blocking copy, `.item()`, a length read back) while the device computes."""
-    cfg = parse_config({"data": {"train": [{"path": str(tiny_corpus)}]}})
+@pytest.mark.parametrize("on_device", [False, True], ids=["augment-in-workers", "augment-on-device"])
+def test_features_and_forward_never_wait_for_the_gpu(tiny_corpus: Path, on_device: bool) -> None:
+    """A step's host work runs ahead of the device up to the CTC loss: no synchronising call in the device
+    augmentation, features, SpecAugment or the forward pass (a blocking copy, `.item()`, a length read back)."""
+    augment = {"on_device": on_device, "reverb": 1.0, "noise": 1.0}
+    cfg = parse_config({"data": {"train": [{"path": str(tiny_corpus)}], "augment": augment}})
     ds = SpeechDataset(read_source(tiny_corpus).utterances[:4], Tokenizer())
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate, pin_memory=True)))
     device = torch.device("cuda")
