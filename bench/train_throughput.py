@@ -2,9 +2,12 @@
 the time goes (data wait, features + SpecAugment, forward + backward, optimizer; and the share
 of the selective scan inside forward + backward, timed on its own at the same shapes).
 
-Two passes over the same loader after the warm-up: the throughput pass runs steps as training does
-(nothing waits for the device but the CTC loss), and the phase pass waits for the device after each
-phase to time it, which serialises the host and the device, so its steps are slower.
+Three passes over the same loader after the warm-up: the throughput pass runs steps as training does
+(nothing waits for the device but the CTC loss), the phase pass waits for the device after each
+phase to time it, which serialises the host and the device, so its steps are slower, and the loader
+pass takes batches with no device work, once the batches the workers made ahead are drained: the
+rate the loader sustains. The throughput pass can outrun that rate while the backlog made during the
+warm-up (compilation) lasts.
 
     python bench/train_throughput.py --data data/synth/train.jsonl [--steps 40] [--config configs/default.toml]
         [--num-workers N] [--worker-nice N] [--compile | --no-compile]
@@ -114,6 +117,18 @@ def throughput_pass(step: Step, it, steps: int) -> Pass:
     return Pass(audio_s, time.perf_counter() - start, shapes)
 
 
+def loader_pass(it, steps: int, backlog: int) -> Pass:
+    """The loader alone: `steps` batches taken as fast as the workers make them, after the `backlog` batches
+    they had made ahead are drained (untimed). An upper bound of what the loader sustains in training, where
+    the main process also needs CPU."""
+    for _ in range(backlog):
+        next(it)
+    audio_s, start = 0.0, time.perf_counter()
+    for _ in range(steps):
+        audio_s += float(next(it).audio_lengths.sum()) / SAMPLE_RATE
+    return Pass(audio_s, time.perf_counter() - start)
+
+
 def phase_pass(step: Step, it, steps: int) -> Pass:
     """Steps with the device drained after each phase."""
     times = {"data": 0.0, "features": 0.0, "forward+backward": 0.0, "optimizer": 0.0}
@@ -180,7 +195,8 @@ def main() -> None:
     )
     index = {id(u): i for i, u in enumerate(utts)}
     batches = [[index[id(u)] for u in b] for b in bucket_batches(utts, cfg.data.max_batch_seconds, random.Random(0))]
-    batches *= -(-(args.warmup + 2 * args.steps) // len(batches))  # repeat epochs for a small corpus
+    backlog = 2 * max(1, cfg.data.num_workers)  # the DataLoader's prefetch: 2 batches a worker
+    batches *= -(-(args.warmup + 3 * args.steps + backlog) // len(batches))  # repeat epochs for a small corpus
     dataset = SpeechDataset(utts, Tokenizer(), make_augmenter(cfg.data, utts, cache), load=cache)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -192,10 +208,11 @@ def main() -> None:
     )
     it = iter(loader)
     throughput_pass(step, it, args.warmup)
-    report(step, compiled, throughput_pass(step, it, args.steps), phase_pass(step, it, args.steps))
+    run, phases = throughput_pass(step, it, args.steps), phase_pass(step, it, args.steps)
+    report(step, compiled, run, phases, loader_pass(it, args.steps, backlog))
 
 
-def report(step: Step, compiled: bool, run: Pass, phases: Pass) -> None:
+def report(step: Step, compiled: bool, run: Pass, phases: Pass, loader: Pass) -> None:
     steps, d = len(run.shapes), step.cfg.data
     b, f = max(run.shapes, key=lambda s: s[0] * s[1])
     scan = scan_seconds(step.model, f, b) * steps  # upper bound: the largest batch shape every step
@@ -208,6 +225,7 @@ def report(step: Step, compiled: bool, run: Pass, phases: Pass) -> None:
     )
     print(f"throughput: {rate:,.0f} audio-s/s   MFU {100 * mfu:.2f}%   step {1000 * run.wall / steps:.0f} ms")
     print(f"phase pass (device drained after each phase): {phases.audio_s / phases.wall:,.0f} audio-s/s")
+    print(f"loader alone (no device work, its backlog drained first): {loader.audio_s / loader.wall:,.0f} audio-s/s")
     print("| phase | ms/step | share |\n|---|---|---|")
     for name, sec in phases.phases.items():
         print(f"| {name} | {1000 * sec / steps:.1f} | {100 * sec / phases.wall:.0f}% |")
