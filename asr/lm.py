@@ -292,17 +292,8 @@ def lm_sentences(paths: Iterable[Path], keep: Callable[[str], bool] | None = Non
 
 def word_list(paths: Iterable[Path]) -> list[str]:
     """The words of word-list files (one a line, .xz ok, e.g. Debian's /usr/share/dict/american-english),
-    normalized like training targets; entries that normalize to nothing or to several words are left out."""
-    words: set[str] = set()
-    for path in paths:
-        try:
-            for line in read_lines(path):
-                word = normalize(line)
-                if word and " " not in word:
-                    words.add(word)
-        except (OSError, lzma.LZMAError, UnicodeDecodeError) as e:
-            raise LMError(f"cannot read {path}: {e}") from e
-    return sorted(words)
+    normalized like training targets (`lm_sentences`); entries that normalize to several words are left out."""
+    return sorted(line for line in lm_sentences(paths) if " " not in line)
 
 
 def write_lexicon(words: Iterable[str], path: Path) -> int:
@@ -370,7 +361,8 @@ def build_lm(
                 n += 1
             if n == 0:
                 raise LMError("no text to build a language model from")
-            added = [w for w in extra_words if w not in counts]
+            running_words = sum(counts.values())
+            added = [w for w in dict.fromkeys(extra_words) if w not in counts]
             f.writelines(w + "\n" for w in added)
             counts.update(added)
         prune_args = ["--prune", *map(str, prune)] if any(prune) else []
@@ -383,4 +375,4 @@ def build_lm(
         _run([build_binary, "-q", "8", "-b", "8", "-a", "22", "trie", str(arpa), str(out / LM_FILE)])
     lexicon = write_lexicon(counts, out / LEXICON_FILE)
     (out / DECODER_FILE).write_text(json.dumps(asdict(config or BeamConfig()), indent=2) + "\n")
-    return LMSummary(n, sum(counts.values()) - len(added), lexicon, order, (out / LM_FILE).stat().st_size, len(added))
+    return LMSummary(n, running_words, lexicon, order, (out / LM_FILE).stat().st_size, len(added))

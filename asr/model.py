@@ -437,23 +437,30 @@ class ASRModel(nn.Module):
             return feats.new_zeros(feats.shape[0], 0, self.dims.vocab_size, dtype=self.head.weight.dtype), state
         _check_rows(slots, state.frontend.conv1.shape[0], feats.shape[0], check)
         impl = impl or Impl.pick(feats)
-        if impl is Impl.STEP and slots is None:  # the fused kernels always address pool rows
-            slots = torch.arange(feats.shape[0], device=feats.device)
-        x = self._chunk_frontend(feats, state, slots, impl)
+        rows = slots  # the fused kernels always address pool rows; without slots, the rows 0..B-1
+        if impl is Impl.STEP and slots is None:
+            rows = torch.arange(feats.shape[0], device=feats.device)
+        x = self._chunk_frontend(feats, state, slots, rows, impl)
         if impl is Impl.STEP:
-            return self.head(self._step_layers(x.contiguous(), state, slots)), state
+            return self.head(self._step_layers(x.contiguous(), state, rows)), state
         for block, layer_state in zip(self.layers, state.layers, strict=True):
             x, _ = block.chunk(x, layer_state, slots, impl, check=False)  # checked above
         return self.head(self.norm_f(x)), state
 
     def _chunk_frontend(
-        self, feats: torch.Tensor, state: EncoderState, slots: torch.Tensor | None, impl: Impl
+        self,
+        feats: torch.Tensor,
+        state: EncoderState,
+        slots: torch.Tensor | None,
+        rows: torch.Tensor | None,
+        impl: Impl,
     ) -> torch.Tensor:
         """feats (B, 4 L, n_mels) raw log-mel -> (B, L, d_model), advancing the front-end state: by the Triton
-        front-end kernels on the fused-step path from FRONTEND_KERNEL_MIN_FRAMES encoder frames (B L) a chunk, else
-        by CMVN and `Subsampling.chunk` (cuDNN's convs on CUDA, which measured faster for fewer frames)."""
+        front-end kernels on the fused-step path from FRONTEND_KERNEL_MIN_FRAMES encoder frames (B L) a chunk, on
+        pool `rows`, else by CMVN and `Subsampling.chunk` on `slots` (cuDNN's convs on CUDA, which measured faster
+        for fewer frames; without slots it uses the state directly, with no gather and write-back)."""
         if impl is Impl.STEP and feats.shape[0] * (feats.shape[1] // SUBSAMPLING) >= FRONTEND_KERNEL_MIN_FRAMES:
-            return self.frontend.step(feats.float(), state.frontend, slots, self.cmvn_mean, self.cmvn_istd)
+            return self.frontend.step(feats.float(), state.frontend, rows, self.cmvn_mean, self.cmvn_istd)
         x, _ = self.frontend.chunk(self._normalize(feats).to(self.head.weight.dtype), state.frontend, slots)
         return x
 

@@ -140,17 +140,18 @@ def test_bucket() -> None:
     assert [bucket(n) for n in (1, 2, 3, 5, 64, 65, 1000)] == [1, 2, 4, 8, 64, 128, 1024]
 
 
+@pytest.mark.parametrize("with_slots", [True, False], ids=["pool-slots", "own-state"])
 @pytest.mark.parametrize("frontend_kernels", [False, True], ids=["torch-frontend", "triton-frontend"])
 @torch.inference_mode()
-def test_whole_model_step_impl_equals_torch(model: ASRModel, monkeypatch, frontend_kernels: bool) -> None:
+def test_whole_model_step_impl_equals_torch(model: ASRModel, monkeypatch, frontend_kernels: bool, with_slots) -> None:
     """ASRModel.chunk by the fused step and fused add + RMSNorm kernels (interpreted), with the front end in PyTorch
-    or in the Triton front-end kernels (which large batches take), equals the PyTorch path; the last chunk (17
-    frames) runs as two kernel calls of 16 and 1."""
+    or in the Triton front-end kernels (which large batches take), equals the PyTorch path, on pool slots and on a
+    state of its own (no slots); the last chunk (17 frames) runs as two kernel calls of 16 and 1."""
     monkeypatch.setattr(asr.model, "FRONTEND_KERNEL_MIN_FRAMES", 1 if frontend_kernels else 10**9)
     calls = []
     monkeypatch.setattr(kernels.frontend, "frontend_step", _counting(kernels.frontend.frontend_step, calls))
-    slots = torch.tensor([2, 0])
-    fused, plain = model.init_state(3), model.init_state(3)
+    slots = torch.tensor([2, 0]) if with_slots else None
+    fused, plain = model.init_state(3 if with_slots else 2), model.init_state(3 if with_slots else 2)
     feats = torch.randn(2, 4 * 21, N_MELS)
     a = [model.chunk(feats[:, i : i + 8], fused, slots, impl=Impl.STEP)[0] for i in (0, 8)]
     a.append(model.chunk(feats[:, 16:], fused, slots, impl=Impl.STEP)[0])

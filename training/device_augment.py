@@ -18,11 +18,11 @@ import math
 
 import torch
 
-from asr.augment import fast_fft_len
+from asr.augment import AugmentConfig, fast_fft_len
 from asr.features import SAMPLE_RATE
 
-RT60_S = (0.15, 0.8)
-SNR_DB = (5.0, 30.0)
+RT60_S = AugmentConfig.rt60_s  # the workers' ranges
+SNR_DB = AugmentConfig.snr_db
 MAX_BABBLE = 6  # other utterances summed, 3 to this many
 
 
