@@ -29,9 +29,11 @@ from torch import nn
 from asr.features import CMVN, N_MELS, SUBSAMPLING
 from asr.ssm import causal_conv1d, causal_time_pad, gated_rms_norm, halved, rms_norm, ssd_scan
 from asr.text import VOCAB
+from kernels import encoder_step as triton_encoder
 from kernels import frontend as triton_frontend
 from kernels import ssd_scan as triton_scan
 from kernels import step as triton_step
+from kernels.encoder_step import EncoderWeights
 from kernels.norm import add_rms_norm
 
 FRONTEND_KERNEL_MIN_FRAMES = 4096  # fused-step chunks of at least this many encoder frames (B L) take kernels/frontend
@@ -406,14 +408,10 @@ class ASRModel(nn.Module):
             conv1=torch.zeros(batch, 1, 1, d.n_mels, device=device, dtype=dtype),
             conv2=torch.zeros(batch, c, 1, half, device=device, dtype=dtype),
         )
-        layers = [
-            MambaLayerState(
-                conv=torch.zeros(batch, d.conv_dim, d.d_conv - 1, device=device, dtype=dtype),
-                ssm=torch.zeros(batch, d.n_heads, d.head_dim, d.d_state, device=device, dtype=torch.float32),
-            )
-            for _ in range(d.n_layers)
-        ]
-        return EncoderState(frontend, layers)
+        # each layer's state is a view of one tensor a kind, which the one-launch step (kernels/encoder_step.py) takes
+        conv = torch.zeros(d.n_layers, batch, d.conv_dim, d.d_conv - 1, device=device, dtype=dtype)
+        ssm = torch.zeros(d.n_layers, batch, d.n_heads, d.head_dim, d.d_state, device=device, dtype=torch.float32)
+        return EncoderState(frontend, [MambaLayerState(c, s) for c, s in zip(conv, ssm, strict=True)])
 
     def chunk(
         self,
@@ -422,6 +420,7 @@ class ASRModel(nn.Module):
         slots: torch.Tensor | None = None,
         impl: Impl | None = None,
         check: bool = True,
+        weights: EncoderWeights | None = None,
     ) -> tuple[torch.Tensor, EncoderState]:
         """feats (B, 4 L, n_mels) raw log-mel -> logits (B, L, V); advances `state` in place.
 
@@ -429,7 +428,9 @@ class ASRModel(nn.Module):
         (`init_state(S)`) and only its rows `slots` are read and written; they must be distinct, which `check`
         verifies (a device sync; it is skipped while a CUDA graph is being captured). `impl` defaults to
         `Impl.pick`; `Impl.TORCH` is the pure-PyTorch reference on any device. Under `Impl.STEP` each residual
-        add is fused into the next RMSNorm (`kernels/norm.py`).
+        add is fused into the next RMSNorm (`kernels/norm.py`); with `weights` (this model's `encoder_weights()`)
+        and B <= `encoder_step.max_streams` (4 on an H200), the layers and the head run as one launch per
+        MAX_ROWS // B frames instead, after the Triton front end (`kernels/encoder_step.py`, for few streams).
         """
         if feats.shape[1] % SUBSAMPLING:
             raise ValueError(f"chunk() needs a multiple of {SUBSAMPLING} feature frames, got {feats.shape[1]}")
@@ -440,7 +441,11 @@ class ASRModel(nn.Module):
         rows = slots  # the fused kernels always address pool rows; without slots, the rows 0..B-1
         if impl is Impl.STEP and slots is None:
             rows = torch.arange(feats.shape[0], device=feats.device)
-        x = self._chunk_frontend(feats, state, slots, rows, impl)
+        one_launch = impl is Impl.STEP and weights is not None
+        one_launch = one_launch and feats.shape[0] <= triton_encoder.max_streams(weights, feats.device)
+        x = self._chunk_frontend(feats, state, slots, rows, impl, one_launch)
+        if one_launch:
+            return self._step_encoder(x, state, rows, weights), state
         if impl is Impl.STEP:
             return self.head(self._step_layers(x.contiguous(), state, rows)), state
         for block, layer_state in zip(self.layers, state.layers, strict=True):
@@ -454,15 +459,29 @@ class ASRModel(nn.Module):
         slots: torch.Tensor | None,
         rows: torch.Tensor | None,
         impl: Impl,
+        few_streams: bool = False,
     ) -> torch.Tensor:
         """feats (B, 4 L, n_mels) raw log-mel -> (B, L, d_model), advancing the front-end state: by the Triton
-        front-end kernels on the fused-step path from FRONTEND_KERNEL_MIN_FRAMES encoder frames (B L) a chunk, on
-        pool `rows`, else by CMVN and `Subsampling.chunk` on `slots` (cuDNN's convs on CUDA, which measured faster
-        for fewer frames; without slots it uses the state directly, with no gather and write-back)."""
-        if impl is Impl.STEP and feats.shape[0] * (feats.shape[1] // SUBSAMPLING) >= FRONTEND_KERNEL_MIN_FRAMES:
+        front-end kernels on the fused-step path for `few_streams` (the one-launch encoder step's) and from
+        FRONTEND_KERNEL_MIN_FRAMES encoder frames (B L) a chunk, on pool `rows`; else by CMVN and
+        `Subsampling.chunk` on `slots` (cuDNN's convs on CUDA, which measured faster in between; without slots it
+        uses the state directly, with no gather and write-back). BENCHMARKS.md, session 8."""
+        frames = feats.shape[0] * (feats.shape[1] // SUBSAMPLING)
+        if impl is Impl.STEP and (few_streams or frames >= FRONTEND_KERNEL_MIN_FRAMES):
             return self.frontend.step(feats.float(), state.frontend, rows, self.cmvn_mean, self.cmvn_istd)
         x, _ = self.frontend.chunk(self._normalize(feats).to(self.head.weight.dtype), state.frontend, slots)
         return x
+
+    @staticmethod
+    def _step_encoder(x: torch.Tensor, state: EncoderState, rows: torch.Tensor, w: EncoderWeights) -> torch.Tensor:
+        """x (B, L, d_model) -> logits (B, L, V) by the one-launch step, MAX_ROWS // B frames a launch."""
+        conv = triton_encoder.stacked_pool([layer.conv for layer in state.layers])
+        ssm = triton_encoder.stacked_pool([layer.ssm for layer in state.layers])
+
+        def piece(xs: torch.Tensor) -> torch.Tensor:
+            return triton_encoder.encoder_step(xs, w, conv, ssm, rows, check=False)
+
+        return _in_pieces(piece, x, triton_encoder.MAX_ROWS // x.shape[0])
 
     def _step_layers(self, x: torch.Tensor, state: EncoderState, slots: torch.Tensor) -> torch.Tensor:
         """x (B, L, d_model) -> norm_f's output, through every block's fused step; each residual add is done
@@ -472,6 +491,30 @@ class ASRModel(nn.Module):
         for block, layer_state, norm in zip(self.layers, state.layers, norms[1:], strict=True):
             x, h = add_rms_norm(x, block.mixer.step(h, layer_state, slots), norm.weight, norm.eps)
         return h
+
+    @torch.no_grad()
+    def encoder_weights(self) -> EncoderWeights:
+        """A copy of the blocks', norm_f's and the head's weights stacked over layers, in the model dtype, for the
+        one-launch step (`chunk(..., weights=)`). A snapshot: take it again after changing the weights."""
+        dtype = self.head.weight.dtype
+        mixers = [block.mixer for block in self.layers]
+
+        def stack(params) -> torch.Tensor:
+            return torch.stack([p.detach().to(dtype) for p in params])
+
+        norms = [block.norm for block in self.layers] + [m.norm for m in mixers] + [self.norm_f]
+        if len({n.eps for n in norms}) != 1:
+            raise ValueError("the one-launch step needs one eps for every RMSNorm")
+        return EncoderWeights(
+            norm=stack(block.norm.weight for block in self.layers), in_proj=stack(m.in_proj.weight for m in mixers),
+            conv_weight=stack(m.conv_weight for m in mixers), conv_bias=stack(m.conv_bias for m in mixers),
+            dt_bias=stack(m.dt_bias for m in mixers), A_log=stack(m.A_log for m in mixers),
+            D=stack(m.D for m in mixers),
+            gated_norm=stack(m.norm.weight for m in mixers), out_proj=stack(m.out_proj.weight for m in mixers),
+            norm_f=self.norm_f.weight.detach().clone(), head_weight=self.head.weight.detach().clone(),
+            head_bias=self.head.bias.detach().clone(), n_groups=self.dims.n_groups, head_dim=self.dims.head_dim,
+            eps=self.norm_f.eps,
+        )  # fmt: skip
 
     def compile_blocks(self, backend: str = "inductor") -> None:
         """torch.compile each block's `forward` (training) for any batch size and length: the elementwise work

@@ -65,6 +65,8 @@ class EncoderStepper:
             raise ValueError(f"CUDA graphs need a CUDA device, got {self.device}")
         with torch.inference_mode():
             self.pool: EncoderState = model.init_state(capacity + 1, self.device)  # + the spare slot for pad rows
+        # the one-launch encoder step for few streams (a snapshot of the weights, taken once)
+        self.weights = model.encoder_weights() if fused and self.device.type == "cuda" else None
         self.spare = capacity
         self._captured: dict[tuple[int, int], _Graph] = {}
         self._mempool = torch.cuda.graph_pool_handle() if self.graphs else None
@@ -121,7 +123,7 @@ class EncoderStepper:
             raise ValueError(f"slots must be distinct and in [0, {self.capacity}), got {list(slots)}")
 
     def _eager(self, feats: torch.Tensor, rows: torch.Tensor, check: bool) -> torch.Tensor:
-        logits, _ = self.model.chunk(feats, self.pool, rows, impl=self.impl, check=check)
+        logits, _ = self.model.chunk(feats, self.pool, rows, impl=self.impl, check=check, weights=self.weights)
         return logits.float().log_softmax(-1)
 
     def _replay(self, feats: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:

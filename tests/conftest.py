@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import triton.language as tl
 import triton.runtime.interpreter as triton_interpreter
 
 from asr.checkpoint import save_model
@@ -29,6 +30,32 @@ def _patch_lang_tensor(tensor, scope, _patch=triton_interpreter._patch_lang_tens
 
 
 triton_interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+@pytest.fixture
+def bf16_as_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton 3.6's interpreter stores bfloat16 as uint16 bit patterns: its tl.dot multiplies the bit patterns
+    (triton-lang/triton#11584), and its float32 -> bfloat16 cast rounds toward zero where the GPU and PyTorch round
+    to nearest even. Both are patched here, so that the bf16 kernels can be held to PyTorch's rounding."""
+    builder = triton_interpreter.InterpreterBuilder
+    create_dot, cast_impl = builder.create_dot, builder.cast_impl
+
+    def as_float32(h):
+        if h.dtype != tl.bfloat16:
+            return h
+        return triton_interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def cast(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return cast_impl(self, src, dst_type)
+        rounded = torch.from_numpy(np.ascontiguousarray(src.data)).bfloat16().view(torch.int16)
+        return triton_interpreter.TensorHandle(rounded.numpy().view(np.uint16), tl.bfloat16)
+
+    monkeypatch.setattr(
+        builder, "create_dot", lambda self, a, b, *rest: create_dot(self, as_float32(a), as_float32(b), *rest)
+    )
+    monkeypatch.setattr(builder, "cast_impl", cast)
+
 
 TINY = ModelDimensions(d_model=32, n_layers=2, d_state=8, head_dim=8, n_groups=2, frontend_channels=4)
 

@@ -170,3 +170,20 @@ def _counting(fn, calls: list):
         return fn(*args, **kwargs)
 
     return counted
+
+
+@torch.inference_mode()
+def test_one_launch_encoder_step_equals_torch(model: ASRModel) -> None:
+    """ASRModel.chunk with the model's stacked weights (the one-launch encoder step, which the CUDA stepper uses
+    for up to MAX_ROWS rows; interpreted here phase by phase) equals the PyTorch path over chained chunks; the
+    17-frame chunk of two streams runs as launches of 8, 8 and 1 frames."""
+    slots, weights = torch.tensor([2, 0]), model.encoder_weights()
+    fused, plain = model.init_state(3), model.init_state(3)
+    feats = torch.randn(2, 4 * 21, N_MELS)
+    a = [model.chunk(feats[:, i : i + 8], fused, slots, impl=Impl.STEP, weights=weights)[0] for i in (0, 8)]
+    a.append(model.chunk(feats[:, 16:], fused, slots, impl=Impl.STEP, weights=weights)[0])
+    b = model.chunk(feats, plain, slots, impl=Impl.TORCH)[0]
+    torch.testing.assert_close(torch.cat(a, 1), b, rtol=1e-4, atol=1e-4)
+    for la, lb in zip(fused.layers, plain.layers, strict=True):
+        torch.testing.assert_close(la.ssm, lb.ssm, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(la.conv, lb.conv, rtol=1e-4, atol=1e-4)
