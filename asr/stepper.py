@@ -42,8 +42,10 @@ class EncoderStepper:
     """The state pool of up to `capacity` streams and the batched step over any subset of them.
 
     `graphs` (default: on CUDA) replays captured CUDA graphs; otherwise each call runs `model.chunk` eagerly.
-    `fused=False` uses the pure-PyTorch layers (the reference) instead of the Triton step kernel. The model is
-    put in eval mode.
+    `fused=False` uses the pure-PyTorch layers (the reference) instead of the Triton step kernels. On CUDA the
+    stepper keeps a stacked copy of the weights (`model.encoder_weights()`, taken here: build a new stepper after
+    changing the model) for the one-launch step of few streams (`kernels/encoder_step.py`). The model is put in
+    eval mode.
     """
 
     def __init__(
