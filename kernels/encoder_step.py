@@ -384,11 +384,21 @@ def _check(x: torch.Tensor, w: EncoderWeights, conv: torch.Tensor, ssm: torch.Te
     """Raise ValueError unless the arguments fit together."""
     if x.dim() != 3 or not 1 <= x.shape[0] * x.shape[1] <= MAX_ROWS:
         raise ValueError(f"x must be (B, L, D) with 1 <= B L <= {MAX_ROWS}, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     nl, dip, d = w.in_proj.shape
     h = w.dt_bias.shape[1]
     di, cd, k = h * w.head_dim, w.conv_weight.shape[1], w.conv_weight.shape[2]
-    n = (cd - di) // (2 * w.n_groups)
-    if x.shape[2] != d or dip != di + cd + h or w.out_proj.shape != (nl, d, di):
+    n, rem = divmod(cd - di, 2 * w.n_groups)
+    if h % w.n_groups or rem or n <= 0 or k < 2:
+        raise ValueError(f"weights of {h} heads, {w.n_groups} groups, conv {tuple(w.conv_weight.shape)} do not fit")
+    v = w.head_weight.shape[0]
+    shapes = {"norm": (nl, d), "conv_bias": (nl, cd), "A_log": (nl, h), "D": (nl, h), "gated_norm": (nl, di),
+              "out_proj": (nl, d, di), "norm_f": (d,), "head_weight": (v, d), "head_bias": (v,)}  # fmt: skip
+    for name, shape in shapes.items():
+        if tuple(getattr(w, name).shape) != shape:
+            raise ValueError(f"weights.{name} must have shape {shape}, got {tuple(getattr(w, name).shape)}")
+    if x.shape[2] != d or dip != di + cd + h:
         raise ValueError(f"x {tuple(x.shape)} does not fit the weights (in_proj {tuple(w.in_proj.shape)})")
     pool = conv.shape[1] if conv.dim() == 4 else -1
     if tuple(conv.shape) != (nl, pool, cd, k - 1) or tuple(ssm.shape) != (nl, pool, h, w.head_dim, n):

@@ -136,6 +136,8 @@ def _bad_cases(model: ASRModel):
         "small pool": ((x, w, conv1, ssm1, slots), "must index the pool"),
         "strided pool": ((x, w, conv[:, ::2], ssm[:, ::2], slots[:1]), "must be contiguous"),
         "wrong width": ((torch.randn(2, 3, 16), w, conv, ssm, slots), "does not fit the weights"),
+        "float64": ((x.double(), w, conv, ssm, slots), "must be float32, bfloat16 or float16"),
+        "head bias": ((x, replace(w, head_bias=w.head_bias[:-1]), conv, ssm, slots), "weights.head_bias"),
     }
 
 
@@ -201,3 +203,30 @@ def test_gpu_default_model(dtype: torch.dtype, b: int, l: int, persistent: bool)
     """The default model's sizes on a pool of 64 slots, compiled, in one launch and phase by phase."""
     tol = 1.5 if dtype == torch.bfloat16 else 1e-4
     _check(secrets.randbits(32), ModelDimensions(), b, l, dtype, tol, device="cuda", pool=64, persistent=persistent)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dims", [TINY, SMALL], ids=["two-groups", "one-group-k3"])
+@pytest.mark.parametrize(("b", "l", "groups"), [(3, 5, 1), (3, 5, 3), (4, 4, 2), (16, 1, 4)])
+def test_gpu_small_shapes(dims: ModelDimensions, b: int, l: int, groups: int) -> None:
+    """The one launch on the masked and two-group shapes, with streams in one group or spread over several."""
+    _check(secrets.randbits(32), dims, b, l, torch.float32, 1e-4, device="cuda", pool=24, groups=groups)
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_gpu_pad_rows_share_a_spare_slot() -> None:
+    """As the CUDA-graph stepper pads a batch: two streams and two pad rows on one spare slot, in one launch. The
+    streams' rows match the reference, and no slot but theirs and the spare one changes."""
+    seed = secrets.randbits(32)
+    model = _model(seed, ModelDimensions(), torch.float32, "cuda")
+    weights = model.encoder_weights()
+    (conv, ssm), (conv_ref, ssm_ref) = _pools(model, seed, "cuda", pool=8)
+    before = (conv.clone(), ssm.clone())
+    x = torch.randn(4, 2, model.dims.d_model, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+    out = encoder_step(x, weights, conv, ssm, torch.tensor([5, 1, 7, 7], device="cuda"), check=False)
+    ref = encoder_step_ref(x[:2], weights, conv_ref, ssm_ref, torch.tensor([5, 1], device="cuda"))
+    assert _rel(out[:2], ref) < 1e-4, f"seed {seed}"
+    for mine, theirs, old in ((conv, conv_ref, before[0]), (ssm, ssm_ref, before[1])):
+        assert _rel(mine[:, [5, 1]], theirs[:, [5, 1]]) < 1e-4, f"seed {seed}"
+        assert torch.equal(mine[:, [0, 2, 3, 4, 6]], old[:, [0, 2, 3, 4, 6]]), f"seed {seed}"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import asr.model
+import kernels.encoder_step
 import kernels.frontend
 from asr.features import CMVN, N_MELS
 from asr.model import ASRModel, Impl, MambaBlock
@@ -173,10 +174,12 @@ def _counting(fn, calls: list):
 
 
 @torch.inference_mode()
-def test_one_launch_encoder_step_equals_torch(model: ASRModel) -> None:
+def test_one_launch_encoder_step_equals_torch(model: ASRModel, monkeypatch: pytest.MonkeyPatch) -> None:
     """ASRModel.chunk with the model's stacked weights (the one-launch encoder step, which the CUDA stepper uses
     for up to MAX_ROWS rows; interpreted here phase by phase) equals the PyTorch path over chained chunks; the
     17-frame chunk of two streams runs as launches of 8, 8 and 1 frames."""
+    calls = []
+    monkeypatch.setattr(kernels.encoder_step, "encoder_step", _counting(kernels.encoder_step.encoder_step, calls))
     slots, weights = torch.tensor([2, 0]), model.encoder_weights()
     fused, plain = model.init_state(3), model.init_state(3)
     feats = torch.randn(2, 4 * 21, N_MELS)
@@ -187,3 +190,4 @@ def test_one_launch_encoder_step_equals_torch(model: ASRModel) -> None:
     for la, lb in zip(fused.layers, plain.layers, strict=True):
         torch.testing.assert_close(la.ssm, lb.ssm, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(la.conv, lb.conv, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 5  # 2 chunks of 2 frames (a launch each), and 17 frames as 8 + 8 + 1
