@@ -7,20 +7,23 @@ cuBLAS GEMMs) takes six launches a layer; at batch 1 each of them is a microseco
 (BENCHMARKS.md, "where the batch-1 step's time goes"). Here a grid of NP = H ceil(P / BLOCK_P) programs, all
 resident at once, runs the whole encoder and meets at one grid-wide barrier a layer.
 
-Program (h, i) owns state rows i BLOCK_P ... of head h (of every stream) and, in layer l:
+The grid holds NP programs for each stream group (stream b in group b % groups, one group a stream while the SMs
+hold them). Program (h, i) of a group owns state rows i BLOCK_P ... of head h of the group's streams; it reads
+its weight tiles of layer l before waiting at the barrier of layer l - 1 (the reads overlap the wait), then:
   1. h_l = rms_norm(x) norm_l over the whole residual x (every program keeps its own copy of x, float32 holding
      model-dtype values), and its slice of in_proj: z and x for its channels, B and C of its group, dt of its head,
-     as tl.dots over the B L rows (padded to MAX_ROWS);
-  2. for each stream: the causal depthwise conv + SiLU of those channels (taps from the conv cache row and the
-     frames' rows), the selective state update and y = S C + D x for the L frames with its state slice in
-     registers (loaded and stored once), the gate g = y silu(z), then the shift of its x channels' conv cache;
+     as tl.dots over the B L rows (padded to MAX_ROWS), into a scratch of its own (global, cache-resident);
+  2. for each of its streams: the causal depthwise conv + SiLU of those channels (taps from the conv cache row and
+     the scratch's rows), the selective state update and y = S C + D x for the L frames with its state slice in
+     registers (loaded and stored once), the gate g = y silu(z) into the scratch, then the shift of its x
+     channels' conv cache;
   3. its share of the gated RMSNorm and out_proj. The norm's scale rsqrt(mean(g^2) + eps) is one number per row,
      so out_proj(rms_norm(g) w) = rsqrt(...) W_out (g w): every program adds sum(g^2) of its channels and
      W_out[:, its channels] (g w) into float32 accumulators (atomics) of layer l;
   4. the grid barrier; then x += out_proj from the accumulators (the same sum for every program).
 B and C are shared by the heads of a group, so every program of the group computes them and reads their conv
 cache; the group's first program writes that cache, after the barrier (when no one reads it any more), from its
-pre-conv B and C rows kept in a scratch. After the last layer program 0 applies norm_f and the head.
+pre-conv B and C rows still in its scratch. After the last layer program 0 applies norm_f and the head.
 
 The barrier is a counter per layer (zeroed with the accumulators by one memset a call): each program adds one
 (release) and spins until all NP have (acquire). It needs every program resident: `encoder_step` refuses a grid
@@ -37,12 +40,12 @@ Shapes: B streams, L frames, R = B L rows (row b L + t), S pool slots, NL layers
 G groups (head j reads group j // (H / G)), N d_state, K conv width, V vocabulary, DI = H P,
 CD = DI + 2 G N, DIP = DI + CD + H. Pools: conv (NL, S, CD, K - 1) in the model dtype and ssm (NL, S, H, P, N)
 float32, as `ASRModel.init_state` allocates them (each layer's state a view of one tensor). slots (B,) int64,
-distinct. No autotuning: the launch writes the pools in place.
+distinct, except that pad rows may all share one spare slot whose contents nobody reads (the CUDA-graph stepper's
+padding: they race only on that slot). No autotuning: the launch writes the pools in place.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +53,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.frontend import _sm_count
 from kernels.norm import add_rms_norm_ref
-from kernels.step import check_slots, step_ref
+from kernels.step import _interpreting, check_slots, step_ref
 
 __all__ = ["EncoderWeights", "encoder_step", "encoder_step_ref", "max_streams", "stacked_pool", "MAX_ROWS"]
 
@@ -189,23 +193,17 @@ def _grid_barrier(counter_ptr, n_programs):
 
 
 @triton.jit
-def _mixer(x, layer, q, sg, n_sg, w_z, w_x, w_b, w_c, w_dt, w_out, scr, slots_ptr, conv_ptr, ssm_ptr, norm_ptr,
-           cw_ptr, cb_ptr, dtb_ptr, alog_ptr, dskip_ptr, gnorm_ptr, acc_ptr, sumsq_ptr, B, S, R, rows, mine, dd,
-           dmask, eps, D: tl.constexpr, H: tl.constexpr, P: tl.constexpr, N: tl.constexpr, G: tl.constexpr,
-           K: tl.constexpr, L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-           SW: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """Steps 1-3 of layer `layer` for the program q of stream group sg (module docstring), given its in_proj and
-    out_proj weight tiles: its slice of the mixer, added into the layer's accumulators."""
+def _mixer(x, layer, h, grp, rp, pmask, nn, nmask, sg, n_sg, w_z, w_x, w_b, w_c, w_dt, w_out, scr, slots_ptr,
+           conv_ptr, ssm_ptr, norm_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, dskip_ptr, gnorm_ptr, acc_ptr, sumsq_ptr,
+           B, S, R, rows, mine, dd, dmask, eps, D: tl.constexpr, H: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
+           G: tl.constexpr, K: tl.constexpr, L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_K: tl.constexpr, SW: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Steps 1-3 of layer `layer` for the program of head h (group grp), state rows rp, in stream group sg (module
+    docstring), given its in_proj and out_proj weight tiles: its slice of the mixer, added into the layer's
+    accumulators."""
     DI = H * P
     CD = DI + 2 * G * N
-    n_rb = (P + BLOCK_P - 1) // BLOCK_P
-    h = q // n_rb
-    grp = h // (H // G)
-    pp = tl.arange(0, BLOCK_P)
-    rp = (q % n_rb) * BLOCK_P + pp
-    pmask = rp < P
-    nn = tl.arange(0, BLOCK_N)
-    nmask = nn < N
+    pp = tl.arange(0, BLOCK_P)  # the scratch's local columns of rp
     xch, bch, cch = h * P + rp, DI + grp * N + nn, DI + (G + grp) * N + nn  # conv channels
     hn = _rms_rows(x, norm_ptr + layer * D, dd, dmask, eps, D).to(w_z.dtype)
     dt_raw = tl.sum(hn.to(tl.float32) * w_dt[None, :], axis=1).to(w_z.dtype).to(tl.float32)  # (BLOCK_R,)
@@ -293,7 +291,8 @@ def _encoder_step_kernel(x_ptr, out_ptr, slots_ptr, conv_ptr, ssm_ptr, norm_ptr,
     n_programs = H * n_rb  # a stream group's
     sg, q = pid // n_programs, pid % n_programs
     n_sg = tl.num_programs(0) // n_programs
-    grp = (q // n_rb) // (H // G)
+    h = q // n_rb
+    grp = h // (H // G)
     is_writer = q % (n_rb * (H // G)) == 0  # the first program of its group
     DI = H * P
     CD = DI + 2 * G * N
@@ -311,7 +310,6 @@ def _encoder_step_kernel(x_ptr, out_ptr, slots_ptr, conv_ptr, ssm_ptr, norm_ptr,
     pmask = rp < P
     nn = tl.arange(0, BLOCK_N)
     nmask = nn < N
-    h = q // n_rb
     x = tl.load(x_ptr + rows[:, None] * D + dd[None, :], mask=rd_mask, other=0.0).to(tl.float32)
     for layer in range(0, first - 1):  # launched phase by phase: the residual adds before phase first - 1's
         x = _add_mixer(x, acc_ptr, sumsq_ptr, layer, R, rows, rmask, dd, rd_mask, eps, dtype, D, DI)
@@ -336,15 +334,12 @@ def _encoder_step_kernel(x_ptr, out_ptr, slots_ptr, conv_ptr, ssm_ptr, norm_ptr,
                 _write_bc_cache(phase - 1, grp, sg, n_sg, scr, slots_ptr, conv_ptr, B, S, N, G, DI, K, L, BLOCK_P,
                                 BLOCK_N, BLOCK_K, SW)  # fmt: skip
         if phase < NL:
-            _mixer(x, layer, q, sg, n_sg, w_z, w_x, w_b, w_c, w_dt, w_out, scr, slots_ptr, conv_ptr, ssm_ptr,
-                   norm_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, dskip_ptr, gnorm_ptr, acc_ptr, sumsq_ptr, B, S, R,
-                   rows, mine, dd, dmask, eps, D, H, P, N, G, K, L, BLOCK_P, BLOCK_N, BLOCK_K, SW, PREC)  # fmt: skip
+            _mixer(x, layer, h, grp, rp, pmask, nn, nmask, sg, n_sg, w_z, w_x, w_b, w_c, w_dt, w_out, scr, slots_ptr,
+                   conv_ptr, ssm_ptr, norm_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, dskip_ptr, gnorm_ptr, acc_ptr,
+                   sumsq_ptr, B, S, R, rows, mine, dd, dmask, eps, D, H, P, N, G, K, L, BLOCK_P, BLOCK_N, BLOCK_K, SW,
+                   PREC)  # fmt: skip
         elif pid == 0:
             _head(x, out_ptr, normf_ptr, hw_ptr, hb_ptr, rows, rmask, dd, dmask, eps, D, V, BLOCK_V, PREC)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def stacked_pool(views: list[torch.Tensor]) -> torch.Tensor:
@@ -364,11 +359,6 @@ def stacked_pool(views: list[torch.Tensor]) -> torch.Tensor:
                 "the layers' states must be consecutive views of one tensor, as ASRModel.init_state allocates them"
             )
     return first.as_strided((len(views), *first.shape), (size, *first.stride()), first.storage_offset())
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def max_streams(w: EncoderWeights, device: torch.device) -> int:

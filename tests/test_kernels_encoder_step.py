@@ -61,7 +61,8 @@ def _pools(model: ASRModel, seed: int, device: str, pool: int = POOL, copies: in
 
 
 def _float32(w: EncoderWeights) -> EncoderWeights:
-    return replace(w, **{f.name: getattr(w, f.name).float() for f in fields(w) if f.type == "torch.Tensor"})
+    tensors = {f.name: getattr(w, f.name) for f in fields(w)}
+    return replace(w, **{name: t.float() for name, t in tensors.items() if isinstance(t, torch.Tensor)})
 
 
 def _check(seed: int, dims: ModelDimensions, b: int, l: int, dtype: torch.dtype, tol: float, device: str = "cpu",
