@@ -2,6 +2,10 @@
 
 config.json carries the format version, the `ModelDimensions`, the feature settings, the CMVN
 statistics and the vocabulary. Nothing is ever unpickled.
+
+Weights are stored as float32, float16 or, for the large matrices, int8 with one float32 scale per output
+row (`NAME` int8 plus `NAME.int8_scale`; config.json lists them under `int8_weights`). They are always
+loaded as float32, so the rest of the code never sees the storage format.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from asr.text import VOCAB, Tokenizer
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+INT8_SCALE_SUFFIX = ".int8_scale"
+INT8_MIN_ELEMENTS = 4096  # smaller tensors (norms, biases, SSM parameters, conv taps) keep their dtype
 
 
 class ModelLoadError(Exception):
@@ -37,9 +43,10 @@ class ModelConfig:
     vocab: tuple[str, ...] = VOCAB
     features: FeatureSettings = field(default_factory=FeatureSettings)
     info: dict[str, Any] = field(default_factory=dict)  # free-form provenance (data, steps, ...)
+    int8_weights: tuple[str, ...] = ()  # tensors stored as int8 with per-row scales
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        raw = {
             "format_version": FORMAT_VERSION,
             "dims": self.dims.to_dict(),
             "features": asdict(self.features),
@@ -47,6 +54,7 @@ class ModelConfig:
             "vocab": list(self.vocab),
             "info": self.info,
         }
+        return raw | ({"int8_weights": list(self.int8_weights)} if self.int8_weights else {})
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -60,17 +68,46 @@ def _atomic_write(path: Path, write) -> None:
         Path(tmp).unlink(missing_ok=True)  # only still there if writing failed
 
 
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per output row: weight (R, ...) -> (int8 (R, ...), float32 scale (R,))."""
+    rows = weight.detach().float().reshape(weight.shape[0], -1)
+    scale = rows.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+    q = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(weight.shape), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 weight of `quantize_int8`'s (int8 (R, ...), scale (R,))."""
+    return q.float() * scale.float().reshape(-1, *([1] * (q.dim() - 1)))
+
+
+def _storable(model: ASRModel, dtype: torch.dtype | None, int8: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors to write, and the names stored as int8."""
+    tensors: dict[str, torch.Tensor] = {}
+    quantized: list[str] = []
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu()
+        if int8 and t.dim() >= 2 and t.numel() >= INT8_MIN_ELEMENTS:
+            tensors[name], tensors[name + INT8_SCALE_SUFFIX] = quantize_int8(t)
+            quantized.append(name)
+        else:
+            tensors[name] = (t.to(dtype) if dtype is not None else t).contiguous()
+    return tensors, quantized
+
+
 def save_model(
-    model: ASRModel, directory: str | Path, info: dict[str, Any] | None = None, dtype: torch.dtype | None = None
+    model: ASRModel,
+    directory: str | Path,
+    info: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    int8: bool = False,
 ) -> Path:
-    """Save weights (optionally cast to `dtype`, e.g. float16 to halve the size) and config."""
+    """Save weights and config. `dtype` casts the weights (float16 halves the size); `int8` stores every
+    matrix of at least `INT8_MIN_ELEMENTS` weights as int8 with per-row scales (a quarter of float32)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        name: (t.detach().to(dtype) if dtype is not None else t.detach()).cpu().contiguous()
-        for name, t in model.state_dict().items()
-    }
-    config = ModelConfig(dims=model.dims, cmvn=model.cmvn, info=info or {})
+    tensors, quantized = _storable(model, dtype, int8)
+    config = ModelConfig(dims=model.dims, cmvn=model.cmvn, info=info or {}, int8_weights=tuple(quantized))
     _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config.to_json(), indent=2) + "\n"
     _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
@@ -101,7 +138,12 @@ def _parse_config(raw: dict[str, Any], where: Path) -> ModelConfig:
         raise ModelLoadError(f"{where}: trained with features {features}, but this build computes {FeatureSettings()}")
     if len(vocab) != dims.vocab_size:
         raise ModelLoadError(f"{where}: vocabulary has {len(vocab)} entries but dims.vocab_size is {dims.vocab_size}")
-    return ModelConfig(dims=dims, cmvn=cmvn, vocab=vocab, features=features, info=raw.get("info", {}))
+    int8_weights = raw.get("int8_weights", [])
+    if not isinstance(int8_weights, list) or not all(isinstance(n, str) for n in int8_weights):
+        raise ModelLoadError(f"{where}: int8_weights must be a list of tensor names")
+    return ModelConfig(
+        dims=dims, cmvn=cmvn, vocab=vocab, features=features, info=raw.get("info", {}), int8_weights=tuple(int8_weights)
+    )
 
 
 def load_config(directory: str | Path) -> ModelConfig:
@@ -134,6 +176,22 @@ def _check_shapes(model: ASRModel, tensors: dict[str, torch.Tensor], where: Path
         raise ModelLoadError(f"{where}: weights do not match config.json: {shown}")
 
 
+def _dequantized(tensors: dict[str, torch.Tensor], names: tuple[str, ...], where: Path) -> dict[str, torch.Tensor]:
+    """`tensors` with each int8 weight in `names` and its scale replaced by the float32 weight."""
+    out = dict(tensors)
+    for name in names:
+        q, scale = out.pop(name, None), out.pop(name + INT8_SCALE_SUFFIX, None)
+        if q is None or scale is None:
+            raise ModelLoadError(f"{where}: int8 weight {name} or its scale {name}{INT8_SCALE_SUFFIX} is missing")
+        if q.dtype != torch.int8 or q.dim() < 2 or tuple(scale.shape) != (q.shape[0],):
+            raise ModelLoadError(
+                f"{where}: {name} must be an int8 matrix with one scale per row, "
+                f"got {q.dtype} {tuple(q.shape)} and scale {tuple(scale.shape)}"
+            )
+        out[name] = dequantize_int8(q, scale)
+    return out
+
+
 def load_model(
     directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[ASRModel, ModelConfig]:
@@ -146,6 +204,7 @@ def load_model(
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"{path}: not a readable safetensors file: {e}") from e
+    tensors = _dequantized(tensors, config.int8_weights, path)
     model = ASRModel(config.dims, config.cmvn)
     _check_shapes(model, tensors, path)
     model.load_state_dict({k: v.float() for k, v in tensors.items()})

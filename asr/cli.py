@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -203,6 +204,39 @@ def cmd_init_model(args: argparse.Namespace) -> int:
     model = ASRModel(dims)
     save_model(model, args.dir, info={"untrained": True, "seed": args.seed})
     print(f"wrote untrained model ({model.num_parameters():,} parameters) to {args.dir}")
+    return 0
+
+
+_WEIGHT_FORMATS = {"float32": torch.float32, "float16": torch.float16, "int8": torch.float16}
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="rewrite a model directory's weights as float32, float16 or int8",
+        description="Copy a model directory (a training checkpoint or a released model) with its weights stored "
+        "as float32, float16 (half the size) or int8 (the large matrices as int8 with one float32 scale per "
+        "output row, the rest float16: about a quarter of float32). Weights are always computed in float32 "
+        "after loading. A lm/ folder next to the weights is copied too.",
+    )
+    p.add_argument("model", type=Path, help="model directory to read")
+    p.add_argument("out", type=Path, help="model directory to write (must not be the input)")
+    p.add_argument(
+        "--weights", choices=sorted(_WEIGHT_FORMATS), default="float16", help="storage format (default: %(default)s)"
+    )
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    if args.out.resolve() == args.model.resolve():
+        raise CLIError("convert writes a new directory: OUT must differ from MODEL")
+    model, config = load_model(args.model)
+    save_model(model, args.out, info=config.info, dtype=_WEIGHT_FORMATS[args.weights], int8=args.weights == "int8")
+    lm = args.model / "lm"
+    if lm.is_dir():
+        shutil.copytree(lm, args.out / "lm", dirs_exist_ok=True)
+    size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
+    print(f"wrote {args.out} ({args.weights} weights, {size / 1e6:.1f} MB{', with lm/' if lm.is_dir() else ''})")
     return 0
 
 
@@ -607,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_transcribe(sub)
     _add_init_model(sub)
+    _add_convert(sub)
     _add_synth(sub)
     _add_eval(sub)
     _add_lm(sub)

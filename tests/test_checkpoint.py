@@ -3,10 +3,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from asr.checkpoint import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, load_model, save_model
+from asr.checkpoint import (
+    CONFIG_FILE,
+    INT8_SCALE_SUFFIX,
+    WEIGHTS_FILE,
+    ModelLoadError,
+    dequantize_int8,
+    load_model,
+    quantize_int8,
+    save_model,
+)
 from asr.features import CMVN, N_MELS
-from asr.model import ASRModel
+from asr.model import ASRModel, ModelDimensions
 from tests.conftest import TINY
 
 
@@ -40,6 +50,58 @@ def test_half_precision_save_is_smaller_and_close(saved: tuple[ASRModel, Path], 
     loaded, _ = load_model(half)
     assert loaded.head.weight.dtype == torch.float32
     torch.testing.assert_close(loaded.head.weight, model.head.weight, rtol=1e-3, atol=1e-3)
+
+
+def test_int8_rows_round_trip_within_half_a_step() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(48, 40) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different ranges
+    w[5] = 0.0
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (48,) and int(q.abs().max()) == 127
+    back = dequantize_int8(q, scale)
+    assert torch.all((back - w).abs() <= scale[:, None] / 2 + 1e-12)
+    assert torch.equal(back[5], torch.zeros(40))
+
+
+def test_int8_save_is_a_quarter_and_loads_as_float32(tmp_path: Path) -> None:
+    torch.manual_seed(4)  # wide enough that the projections pass INT8_MIN_ELEMENTS
+    dims = ModelDimensions(d_model=64, n_layers=2, d_state=16, head_dim=16, frontend_channels=8)
+    model = ASRModel(dims, CMVN(torch.randn(N_MELS), torch.rand(N_MELS) + 0.5)).eval()
+    path = save_model(model, tmp_path / "float32")
+    small = save_model(model, tmp_path / "int8", dtype=torch.float16, int8=True)
+    assert (small / WEIGHTS_FILE).stat().st_size < 0.3 * (path / WEIGHTS_FILE).stat().st_size
+    raw = json.loads((small / CONFIG_FILE).read_text())
+    stored = load_file(small / WEIGHTS_FILE)
+    assert "layers.0.mixer.in_proj.weight" in raw["int8_weights"]
+    assert all(stored[n].dtype == torch.int8 for n in raw["int8_weights"])
+    assert stored["layers.0.mixer.A_log"].dtype == torch.float16  # small tensors keep the dtype
+    loaded, config = load_model(small)
+    assert config.int8_weights == tuple(raw["int8_weights"])
+    for name, tensor in model.state_dict().items():
+        got = loaded.state_dict()[name]
+        assert got.dtype == torch.float32
+        step = tensor.abs().amax() / 127 if name in config.int8_weights else tensor.abs().amax() / 1024
+        assert (got - tensor).abs().max() <= step, name
+    feats = torch.randn(1, 40, N_MELS)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(feats), model(feats), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("damage", ["drop_scale", "float_weight", "scale_shape"])
+def test_bad_int8_weights_are_a_clear_error(saved: tuple[ASRModel, Path], tmp_path: Path, damage: str) -> None:
+    model, _ = saved
+    path = save_model(model, tmp_path / "int8", int8=True)
+    tensors = load_file(path / WEIGHTS_FILE)
+    name = json.loads((path / CONFIG_FILE).read_text())["int8_weights"][0]
+    if damage == "drop_scale":
+        del tensors[name + INT8_SCALE_SUFFIX]
+    elif damage == "float_weight":
+        tensors[name] = tensors[name].float()
+    else:
+        tensors[name + INT8_SCALE_SUFFIX] = tensors[name + INT8_SCALE_SUFFIX][:1]
+    save_file(tensors, path / WEIGHTS_FILE)
+    with pytest.raises(ModelLoadError, match=f"{name}"):
+        load_model(path)
 
 
 def _edit_config(path: Path, edit) -> None:

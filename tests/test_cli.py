@@ -103,3 +103,19 @@ def test_init_model_and_usage_errors(capsys, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         main(["transcribe", "x.wav", "--chunk-ms", "0"])
     assert e.value.code == 2
+
+
+def test_convert_writes_each_format_and_refuses_its_input(
+    capsys, tiny_model_dir: Path, speech_wav: Path, tmp_path: Path
+) -> None:
+    sizes = {}
+    for weights in ("float32", "float16", "int8"):
+        code, out, err = _run(capsys, "convert", tiny_model_dir, tmp_path / weights, "--weights", weights)
+        assert code == 0 and f"{weights} weights" in out, err
+        sizes[weights] = (tmp_path / weights / "model.safetensors").stat().st_size
+    # the tiny model keeps most of its (small) tensors float16
+    assert sizes["int8"] < 0.8 * sizes["float16"] < 0.6 * sizes["float32"]
+    code, _, err = _run(capsys, "transcribe", speech_wav, "--model", tmp_path / "int8", "-o", tmp_path, "-q")
+    assert code == 0 and (tmp_path / "speech.txt").is_file(), err
+    code, _, err = _run(capsys, "convert", tiny_model_dir, tiny_model_dir)
+    assert code == 2 and "must differ" in err

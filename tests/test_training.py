@@ -285,8 +285,17 @@ def test_init_from_starts_from_a_model_dir(tmp_path: Path, tiny_corpus: Path, ti
     assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in source.state_dict().items())
     deeper = _config(tmp_path, tiny_corpus, "deeper")
     deeper.write_text(deeper.read_text().replace(f"n_layers = {TINY.n_layers}", f"n_layers = {TINY.n_layers + 1}"))
-    with pytest.raises(DataError, match="differ from the config"):
-        Trainer(load_config(deeper), None, False, init_from=tiny_model_dir)
+    grown = Trainer(load_config(deeper), None, False, init_from=tiny_model_dir).model.eval()
+    feats = torch.randn(1, 50, 80)
+    with torch.inference_mode():
+        torch.testing.assert_close(grown(feats), source(feats), rtol=1e-5, atol=1e-5)
+    for edit in (f"n_layers = {TINY.n_layers - 1}", f"d_model = {2 * TINY.d_model}"):
+        other = _config(tmp_path, tiny_corpus, "other")
+        key = edit.split(" = ")[0]
+        value = getattr(TINY, key)
+        other.write_text(other.read_text().replace(f"{key} = {value}", edit))
+        with pytest.raises(DataError, match="only a larger n_layers may differ"):
+            Trainer(load_config(other), None, False, init_from=tiny_model_dir)
 
 
 def test_exclude_ids_leaves_out_matching_utterances(tiny_corpus: Path) -> None:
@@ -318,3 +327,34 @@ def test_compiled_run_trains_like_eager(tmp_path: Path, tiny_corpus: Path, monke
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     assert compiled.best_wer == plain.best_wer
+
+
+@pytest.mark.parametrize("old, new", [(12, 16), (2, 3), (3, 3), (2, 7)])
+def test_grown_model_computes_what_its_source_did(old: int, new: int) -> None:
+    from dataclasses import replace
+
+    from training.grow import grown_state_dict, layer_sources
+
+    plan = layer_sources(old, new)
+    assert len(plan) == new and [b for b, copy in plan if not copy] == list(range(old))
+    assert [b for b, _ in plan] == sorted(b for b, _ in plan)  # every copy follows its source block
+    if (old, new) == (12, 16):
+        assert [i for i, (_, copy) in enumerate(plan) if copy] == [3, 7, 11, 15]
+    if old > 3:
+        return
+    torch.manual_seed(new)
+    source = ASRModel(replace(TINY, n_layers=old)).eval()
+    for p in source.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))  # out_proj is not near zero in a trained model either
+    deeper = ASRModel(replace(TINY, n_layers=new)).eval()
+    deeper.load_state_dict(grown_state_dict(source, deeper.dims))
+    feats = torch.randn(2, 60, 80)
+    with torch.inference_mode():
+        torch.testing.assert_close(deeper(feats), source(feats), rtol=1e-5, atol=1e-5)
+    for index, (block, copy) in enumerate(plan):
+        assert torch.equal(deeper.layers[index].mixer.in_proj.weight, source.layers[block].mixer.in_proj.weight)
+        assert bool(deeper.layers[index].mixer.out_proj.weight.any()) == (not copy)
+    with pytest.raises(ValueError, match="only n_layers may differ"):
+        grown_state_dict(source, replace(TINY, n_layers=new, d_state=16))
+    with pytest.raises(ValueError, match="can only add layers"):
+        layer_sources(new + 1, new)

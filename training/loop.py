@@ -19,7 +19,7 @@ import re
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ from asr.model import ASRModel
 from asr.text import Tokenizer, ctc_min_frames
 from training.config import DataConfig, OptimConfig, SourceConfig, TrainConfig
 from training.device_augment import augment_batch
+from training.grow import grown_state_dict
 from training.metrics import MetricsLogger, Row, forward_flops_per_second_of_audio
 from training.specaugment import spec_augment
 from training.state import TrainerState, latest_checkpoint, load_checkpoint, save_best, save_checkpoint
@@ -399,14 +400,19 @@ class Trainer:
         return load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.generator)
 
     def _init_weights(self, model_dir: Path) -> None:
-        """Start from a model directory's weights and CMVN (fine-tuning); its dims must be the config's."""
+        """Start from a model directory's weights and CMVN (fine-tuning). Its dims must be the config's,
+        except that the config may ask for more layers (`training.grow`: new blocks start as the identity)."""
         source, config = load_model(model_dir)
-        if config.dims != self.cfg.model:
+        same_but_depth = replace(config.dims, n_layers=self.cfg.model.n_layers) == self.cfg.model
+        if not same_but_depth or config.dims.n_layers > self.cfg.model.n_layers:
             raise DataError(
-                f"--init-from {model_dir}: its dims {config.dims} differ from the config's {self.cfg.model}"
+                f"--init-from {model_dir}: its dims {config.dims} differ from the config's {self.cfg.model} "
+                "(only a larger n_layers may differ)"
             )
-        self.model.load_state_dict(source.state_dict())
+        self.model.load_state_dict(grown_state_dict(source, self.cfg.model))
         self.model.set_cmvn(config.cmvn)
+        if config.dims.n_layers < self.cfg.model.n_layers:
+            tqdm.write(f"grew {model_dir} from {config.dims.n_layers} to {self.cfg.model.n_layers} layers")
 
     def run(self, until_step: int | None) -> TrainResult:
         if self.d.main:
