@@ -39,14 +39,25 @@ Every number:
   plus written). Bytes: all weights at their dtype, plus each stream's state read and written (2 x the pool row
   of `EncoderState`; for the transformer the whole KV cache read, the L new rows written, and the front-end
   caches), plus the input features and output log-probabilities; gap = median / floor;
-- position: the first system (triton+graph on CUDA) at batch 1, chunk 1 for `--position-steps` steps (90,000:
-  60 minutes of 40 ms frames) from a zeroed state, each step timed as above; the median over the first and the
-  last minute (1,500 steps) and their ratio; the transformer's median at contexts of 1, 5, 15, 30 and 60 minutes
-  (scaled to `--position-steps`). Plotted to step_latency_position.png.
+- position: the first system (triton+graph on CUDA) at batch 1, chunk 1, two streams of the same model, each
+  its own one-stream stepper (state pool and, on CUDA, graph), warmed up and zeroed. Sequential: stream A steps
+  `--position-steps` steps (90,000: 60 minutes of 40 ms frames), each timed as above; the median over the first
+  and the last minute (1,500 steps) and their ratio. This compares windows an hour apart, so it also measures
+  whatever the GPU's clocks did in between: on the H200 the step moved between plateaus of about 155 and 190 us
+  within the hour, and the ratio came out 0.825 or 1.101 by where they fell. Interleaved: then A (now at minute
+  60) and the fresh stream B (at minute 0) step alternately A, B, A, B for one window (1,500 steps each: B's
+  minute 1), each step timed by wall clock as above and, on CUDA, by GPU time (a pair of
+  `torch.cuda.Event(enable_timing=True)` recorded on the current stream before and after the call, read after
+  the sync: the call's span on the GPU's timeline, without the host's wake-up from the sync but with any idle
+  gap while the host issues the call's work); the medians of A and B and their ratio. Both streams share the
+  same seconds, so the ratio separates the position from the time. Last, the transformer's median at contexts
+  of 1, 5, 15, 30 and 60 minutes (scaled to `--position-steps`). Plotted to step_latency_position.png: the
+  sequential stream in bins, the interleaved medians and the transformer.
 
 Targets (printed, never enforced): triton+graph at batch 1, chunk 1 <= 50 us; >= 5,000,000 frames/s at batch
-1024 with chunks of 4 or 8; minute-60 / minute-1 latency 1.00 +- 0.05. For reference, the issue quotes about
-430 us a frame for mamba_ssm's selective_state_update under a CUDA graph at batch 1.
+1024 with chunks of 4 or 8; minute-60 / minute-1 latency 1.00 +- 0.05 (sequential, and interleaved by each
+clock). For reference, the issue quotes about 430 us a frame for mamba_ssm's selective_state_update under a
+CUDA graph at batch 1.
 
 Writes OUT/step_latency.json (every row), OUT/step_latency.md (the printed tables) and
 OUT/step_latency_position.png.
@@ -133,6 +144,25 @@ class PositionPoint:
 
 
 @dataclass
+class Medians:
+    """Step times of the late stream (A, past the end of the position stream) and the fresh one (B) under one
+    clock, taken alternately."""
+
+    late_us: float  # median of A's steps
+    fresh_us: float  # median of B's steps
+    ratio: float  # late / fresh
+
+
+@dataclass
+class Interleaved:
+    """Stream A at the end of the position stream and a fresh stream B, stepped alternately A, B, A, B."""
+
+    pairs: int  # steps of each stream (the window: 1,500 steps, B's first minute)
+    wall: Medians  # perf_counter around each step and a device sync
+    gpu: Medians | None  # CUDA events around each step on the current stream; None off CUDA
+
+
+@dataclass
 class Position:
     """Latency against stream position, batch 1, chunk 1."""
 
@@ -144,6 +174,7 @@ class Position:
     ratio: float  # last / first
     binned: list[PositionPoint]  # medians over equal bins of the whole stream, for the plot
     transformer: list[Row]  # batch 1, chunk 1, at contexts spread over the stream
+    interleaved: Interleaved  # position apart from time: a late and a fresh stream stepped alternately
 
 
 @dataclass
@@ -440,27 +471,69 @@ def transformer_rows(
 # ---------------------------------------------------------------- latency against stream position
 
 
+Events = tuple[torch.cuda.Event, torch.cuda.Event]
+
+
 def position_system(device: torch.device) -> str:
     return next(s for s in MAMBA_SYSTEMS if not unavailable(s, device))
 
 
-def stream_latency(model: ASRModel, system: str, steps: int, device: torch.device, warmup: int) -> np.ndarray:
-    """Seconds of each of `steps` consecutive batch-1, chunk-1 steps of one stream from a zeroed state,
-    perf_counter around each call and a device sync."""
+def position_stepper(
+    model: ASRModel, system: str, feats: torch.Tensor, device: torch.device, warmup: int
+) -> EncoderStepper:
+    """A one-stream stepper of `system` with its batch-1, chunk-1 graph captured and `warmup` steps of `feats`
+    (1, 4, n_mels) run, then its stream zeroed: a stream at position 0."""
     stepper = make_stepper(model, system, 1, device)
     stepper.warmup([1], [1])
-    feats = torch.randn(1, SUBSAMPLING, N_MELS, device=device)
     for _ in range(warmup):
         stepper(feats, [0])
     stepper.reset([0])
     sync(device)
-    times = np.empty(steps)
-    for i in range(steps):
-        start = time.perf_counter()
-        stepper(feats, [0])
-        sync(device)
-        times[i] = time.perf_counter() - start
-    return times
+    return stepper
+
+
+def timing_events(device: torch.device) -> Events | None:
+    """A start and an end event that record GPU time, on CUDA; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+
+def timed_step(
+    stepper: EncoderStepper, feats: torch.Tensor, device: torch.device, events: Events | None = None
+) -> tuple[float, float]:
+    """Seconds of one step of the stepper's stream: wall (perf_counter around the call and a device sync) and GPU
+    (`events` recorded on the current stream before and after the call, read after the sync; nan without)."""
+    start = time.perf_counter()
+    if events:
+        events[0].record()
+    stepper(feats, [0])
+    if events:
+        events[1].record()
+    sync(device)
+    wall = time.perf_counter() - start
+    return wall, events[0].elapsed_time(events[1]) / 1e3 if events else float("nan")
+
+
+def stream_latency(stepper: EncoderStepper, feats: torch.Tensor, steps: int, device: torch.device) -> np.ndarray:
+    """Wall seconds of each of `steps` consecutive steps of the stepper's stream, which they advance."""
+    return np.array([timed_step(stepper, feats, device)[0] for _ in range(steps)])
+
+
+def medians(times: np.ndarray) -> Medians:
+    """times (pairs, 2) seconds, the late stream's then the fresh one's."""
+    late, fresh = (float(np.median(times[:, i])) for i in range(2))
+    return Medians(1e6 * late, 1e6 * fresh, late / fresh)
+
+
+def interleaved(
+    late: EncoderStepper, fresh: EncoderStepper, feats: torch.Tensor, pairs: int, device: torch.device
+) -> Interleaved:
+    """`pairs` steps of each of two streams, alternately late, fresh, late, fresh, each timed by `timed_step`
+    (wall and, on CUDA, GPU): both see the same seconds of the device's clocks, at different positions."""
+    events = timing_events(device)
+    times = np.array([[timed_step(s, feats, device, events) for s in (late, fresh)] for _ in range(pairs)])
+    return Interleaved(pairs, medians(times[:, :, 0]), medians(times[:, :, 1]) if events else None)
 
 
 def binned(times: np.ndarray, bins: int = 360) -> list[PositionPoint]:
@@ -472,20 +545,34 @@ def binned(times: np.ndarray, bins: int = 360) -> list[PositionPoint]:
     ]
 
 
-def position(
-    model: ASRModel, transformer: TransformerKV, device: torch.device, bandwidth: float, args: argparse.Namespace
-) -> Position:
-    system = position_system(device)
-    times = stream_latency(model, system, args.position_steps, device, args.warmup)
-    window = min(MINUTE, args.position_steps // 2)
-    first, last = float(np.median(times[:window])), float(np.median(times[-window:]))
-    feats = torch.randn(1, SUBSAMPLING, N_MELS, device=device)
+def transformer_positions(
+    transformer: TransformerKV, feats: torch.Tensor, device: torch.device, bandwidth: float, args: argparse.Namespace
+) -> list[Row]:
+    """The transformer at batch 1, chunk 1, at contexts of POSITION_MINUTES scaled to --position-steps."""
     contexts = sorted({max(1, round(args.position_steps * m / POSITION_MINUTES[-1])) for m in POSITION_MINUTES})
     rows = []
     for context in contexts:
         rows.append(transformer_row(transformer, 1, 1, context, feats, device, bandwidth, args))
         free(device)
-    return Position(system, args.position_steps, window, 1e6 * first, 1e6 * last, last / first, binned(times), rows)
+    return rows
+
+
+def position(
+    model: ASRModel, transformer: TransformerKV, device: torch.device, bandwidth: float, args: argparse.Namespace
+) -> Position:
+    """Stream A through --position-steps timed steps from position 0 (the sequential windows and the plot), then
+    A and a fresh stream B alternately for one window each (the interleaved ratio), then the transformer."""
+    system = position_system(device)
+    feats = torch.randn(1, SUBSAMPLING, N_MELS, device=device)
+    late, fresh = (position_stepper(model, system, feats, device, args.warmup) for _ in range(2))
+    times = stream_latency(late, feats, args.position_steps, device)
+    window = min(MINUTE, args.position_steps // 2)
+    first, last = float(np.median(times[:window])), float(np.median(times[-window:]))
+    pair = interleaved(late, fresh, feats, window, device)
+    rows = transformer_positions(transformer, feats, device, bandwidth, args)
+    return Position(
+        system, args.position_steps, window, 1e6 * first, 1e6 * last, last / first, binned(times), rows, pair
+    )
 
 
 # ---------------------------------------------------------------- targets, tables, plot
@@ -521,6 +608,22 @@ def targets(rows: list[Row], pos: Position) -> list[Target]:
             f"{pos.ratio:.3f}",
             abs(pos.ratio - 1) <= 0.05,
         ),
+        *interleaved_targets(pos),
+    ]
+
+
+def interleaved_targets(pos: Position) -> list[Target]:
+    """The minute-60 / minute-1 target on the interleaved streams, one row a clock measured."""
+    clocks = {"wall": pos.interleaved.wall, "GPU events": pos.interleaved.gpu}
+    return [
+        Target(
+            f"{pos.system}, interleaved late / fresh {pos.interleaved.pairs} steps ({clock})",
+            "1.00 +- 0.05",
+            f"{m.ratio:.3f}",
+            abs(m.ratio - 1) <= 0.05,
+        )
+        for clock, m in clocks.items()
+        if m is not None
     ]
 
 
@@ -548,6 +651,27 @@ def rows_table(rows: list[Row]) -> list[str]:
 def minute(window: int, end: int) -> str:
     """' (minute N)' when a window of steps ending at step `end` is exactly minute N of the stream, else ''."""
     return f" (minute {end // MINUTE})" if window == MINUTE and end % MINUTE == 0 else ""
+
+
+def interleaved_table(pos: Position) -> list[str]:
+    inter = pos.interleaved
+    late = f"A: steps {pos.steps:,} to {pos.steps + inter.pairs:,}{minute(inter.pairs, pos.steps + inter.pairs)}"
+    fresh = f"B: steps 0 to {inter.pairs:,}{minute(inter.pairs, inter.pairs)}"
+    clocks = {"wall": inter.wall, "GPU events": inter.gpu}
+    return [
+        f"Interleaved: stream A, after the {pos.steps:,} steps above, and a fresh stream B (its own stepper: state "
+        f"pool and, on CUDA, graph; same model) stepped alternately A, B, A, B for {inter.pairs:,} steps each, "
+        "every step timed. The two streams' steps share the same seconds, so a change of the device's clocks (or "
+        "anything else that drifts with time) lands on both alike; the sequential ratio compares windows "
+        f"{pos.steps / MINUTE:g} min apart and does not control for it. The interleaved ratio thus isolates the "
+        "stream position.",
+        "",
+        "| stream | " + " | ".join(n for n, m in clocks.items() if m) + " |",
+        "|---|" + "---:|" * sum(m is not None for m in clocks.values()),
+        f"| {late} median us | " + " | ".join(f"{m.late_us:,.1f}" for m in clocks.values() if m) + " |",
+        f"| {fresh} median us | " + " | ".join(f"{m.fresh_us:,.1f}" for m in clocks.values() if m) + " |",
+        "| ratio A / B | " + " | ".join(f"{m.ratio:.3f}" for m in clocks.values() if m) + " |",
+    ]
 
 
 def markdown(report: Report) -> str:
@@ -578,6 +702,8 @@ def markdown(report: Report) -> str:
         f"| last {pos.window_steps:,} steps{minute(pos.window_steps, pos.steps)} | {pos.last_us:,.1f} |",
         f"| ratio last / first | {pos.ratio:.3f} |",
         "",
+        *interleaved_table(pos),
+        "",
         "Transformer KV, batch 1, chunk 1, against context:",
         "",
         *rows_table(pos.transformer),
@@ -602,6 +728,13 @@ def plot(report: Report, path: Path) -> None:
         [p.minutes for p in pos.binned],
         [p.median_us for p in pos.binned],
         label=f"{pos.system} (median of {max(1, pos.steps // len(pos.binned))}-step bins)",
+    )
+    inter = pos.interleaved
+    ax.plot(
+        [inter.pairs / 2 / MINUTE, (pos.steps + inter.pairs / 2) / MINUTE],
+        [inter.wall.fresh_us, inter.wall.late_us],
+        "s",
+        label=f"{pos.system} interleaved fresh and late streams (wall median, ratio {inter.wall.ratio:.3f})",
     )
     kv = [r for r in pos.transformer if r.median_us]
     ax.plot([r.context / MINUTE for r in kv], [r.median_us for r in kv], "o-", label="transformer kv (median)")
