@@ -10,11 +10,11 @@ On one H200 (the whole run takes a few minutes):
 (`scripts/device_env.sh` puts this checkout and the carried wheels on PYTHONPATH; setting PYTHONPATH yourself
 there would drop the wheels.)
 
-The model is `ModelDimensions()`, the default size: 12 layers, d_model 256, d_state 64, head_dim 64, which is
-also the issue's "12 layers with d_model 256", so it runs once. Weights are random (`--seed`) and cast to
-`--dtype`; the SSM state is float32 whatever the dtype. A step takes B streams by L encoder frames: raw log-mel
-features (B, 4 L, 80) float32 on the device in, log-probabilities (B, L, V) float32 out. One encoder frame is
-40 ms of audio, so a real-time stream needs 25 of them a second.
+The model is `ModelDimensions()`: 12 layers, d_model 256, d_state 64, head_dim 64, the issue's "12 layers with d_model
+256"; `--layers 16` gives the bundled default model's size (models/default, deepened to 16 layers). Weights are random
+(`--seed`) and cast to `--dtype`; the SSM state is float32 whatever the dtype. A step takes B streams by L encoder
+frames: raw log-mel features (B, 4 L, 80) float32 on the device in, log-probabilities (B, L, V) float32 out. One
+encoder frame is 40 ms of audio, so a real-time stream needs 25 of them a second.
 
 Systems, each built (state pool, graphs, KV caches) before its timed steps, which then only step:
 - triton+graph: `EncoderStepper(graphs=True, fused=True)`, the fused Triton step replayed as one CUDA graph;
@@ -72,7 +72,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +192,7 @@ class Report:
     torch_version: str
     dtype: str
     dims: ModelDimensions
-    default_size: bool  # dims == ModelDimensions(): also the issue's "12 layers with d_model 256"
+    default_size: bool  # dims == ModelDimensions(): the issue's "12 layers with d_model 256"
     encoder_weight_bytes: int
     state_row_bytes: int  # one stream's EncoderState
     transformer_weight_bytes: int
@@ -677,9 +677,9 @@ def interleaved_table(pos: Position) -> list[str]:
 def markdown(report: Report) -> str:
     d, pos = report.dims, report.position
     size = (
-        "ModelDimensions() defaults; this is also the issue's '12 layers with d_model 256', so it runs once"
+        "ModelDimensions() defaults: the issue's '12 layers with d_model 256'"
         if report.default_size
-        else "not the default size"
+        else "not ModelDimensions() defaults"
     )
     lines = [
         "# Encoder step latency",
@@ -770,7 +770,7 @@ def device_name(device: torch.device) -> str:
 @torch.inference_mode()
 def run(args: argparse.Namespace) -> Report:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    dims = QUICK_DIMS if args.quick else ModelDimensions()
+    dims = QUICK_DIMS if args.quick else replace(ModelDimensions(), n_layers=args.layers)
     torch.manual_seed(args.seed)
     model = ASRModel(dims).to(device, dtype).eval()
     transformer = TransformerKV(dims).to(device, dtype).eval()
@@ -814,6 +814,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for step_latency.{json,md} and the position PNG")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (eager systems only)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=ModelDimensions().n_layers,
+        help="Mamba layers (default %(default)s, the issue's 12 x 256; the bundled model has 16)",
+    )
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weights and activations")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 1024, 4096], help="streams a step")
     p.add_argument("--chunks", type=int, nargs="+", default=[1, 4, 8], help="encoder frames (40 ms) a step")
@@ -848,8 +854,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     positive = ("batches", "chunks", "kv_contexts")
     if any(v <= 0 for name in positive for v in getattr(args, name)):
         p.error("--batches, --chunks and --kv-contexts must be positive")
-    if min(args.iters, args.position_steps, args.bandwidth_mib) <= 0 or args.warmup < 0:
-        p.error("--iters, --position-steps and --bandwidth-mib must be positive, --warmup not negative")
+    if min(args.iters, args.position_steps, args.bandwidth_mib, args.layers) <= 0 or args.warmup < 0:
+        p.error("--iters, --position-steps, --bandwidth-mib and --layers must be positive, --warmup not negative")
     if args.position_steps < 2:
         p.error("--position-steps must be at least 2 (a first and a last window)")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
