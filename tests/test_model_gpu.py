@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import asr.model
+from asr import DEFAULT_MODEL_DIR
+from asr.checkpoint import load_model
 from asr.features import CMVN, N_MELS
 from asr.model import ASRModel, Impl, ModelDimensions
 from asr.stepper import EncoderStepper
@@ -177,3 +179,21 @@ def test_sixty_minute_stream(monkeypatch: pytest.MonkeyPatch) -> None:
         f"60-minute stream: per-minute logit relative error {errors[0]:.2e} (minute 1) .. {errors[-1]:.2e} "
         f"(minute 60), max {max(errors):.2e}"
     )
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("streams", [1, 8], ids=["one-launch", "per-layer"])
+def test_bundled_model_streams_as_offline(streams: int) -> None:
+    """The bundled model (16 blocks, int8 storage) as the server runs it on CUDA: the graphed stepper fed random
+    chunk sizes gives the offline log-probs, through the one-launch step (1 stream) and the per-layer step (8)."""
+    model, _ = load_model(DEFAULT_MODEL_DIR, device="cuda")
+    stepper = EncoderStepper(model, capacity=streams, device="cuda")
+    frames = 300
+    feats = 3 * torch.randn(streams, 4 * frames, N_MELS, device="cuda") - 8  # raw log-mel range
+    slots, done, out = list(range(streams)), 0, []
+    while done < frames:
+        n = min(random.choice([1, 2, 4, 7, 16]), frames - done)
+        out.append(stepper(feats[:, 4 * done : 4 * (done + n)], slots).clone())
+        done += n
+    offline = model(feats).float().log_softmax(-1)
+    assert _rel(torch.cat(out, dim=1), offline) < 2e-3
