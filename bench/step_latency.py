@@ -161,6 +161,10 @@ class Interleaved:
     wall: Medians  # perf_counter around each step and a device sync
     gpu: Medians | None  # CUDA events around each step on the current stream; None off CUDA
 
+    def by_clock(self) -> dict[str, Medians]:
+        """The medians of each clock measured, by its name in the tables."""
+        return {"wall": self.wall} | ({"GPU events": self.gpu} if self.gpu is not None else {})
+
 
 @dataclass
 class Position:
@@ -614,7 +618,6 @@ def targets(rows: list[Row], pos: Position) -> list[Target]:
 
 def interleaved_targets(pos: Position) -> list[Target]:
     """The minute-60 / minute-1 target on the interleaved streams, one row a clock measured."""
-    clocks = {"wall": pos.interleaved.wall, "GPU events": pos.interleaved.gpu}
     return [
         Target(
             f"{pos.system}, interleaved late / fresh {pos.interleaved.pairs} steps ({clock})",
@@ -622,8 +625,7 @@ def interleaved_targets(pos: Position) -> list[Target]:
             f"{m.ratio:.3f}",
             abs(m.ratio - 1) <= 0.05,
         )
-        for clock, m in clocks.items()
-        if m is not None
+        for clock, m in pos.interleaved.by_clock().items()
     ]
 
 
@@ -657,7 +659,7 @@ def interleaved_table(pos: Position) -> list[str]:
     inter = pos.interleaved
     late = f"A: steps {pos.steps:,} to {pos.steps + inter.pairs:,}{minute(inter.pairs, pos.steps + inter.pairs)}"
     fresh = f"B: steps 0 to {inter.pairs:,}{minute(inter.pairs, inter.pairs)}"
-    clocks = {"wall": inter.wall, "GPU events": inter.gpu}
+    clocks = inter.by_clock()
     return [
         f"Interleaved: stream A, after the {pos.steps:,} steps above, and a fresh stream B (its own stepper: state "
         f"pool and, on CUDA, graph; same model) stepped alternately A, B, A, B for {inter.pairs:,} steps each, "
@@ -666,11 +668,11 @@ def interleaved_table(pos: Position) -> list[str]:
         f"{pos.steps / MINUTE:g} min apart and does not control for it. The interleaved ratio thus isolates the "
         "stream position.",
         "",
-        "| stream | " + " | ".join(n for n, m in clocks.items() if m) + " |",
-        "|---|" + "---:|" * sum(m is not None for m in clocks.values()),
-        f"| {late} median us | " + " | ".join(f"{m.late_us:,.1f}" for m in clocks.values() if m) + " |",
-        f"| {fresh} median us | " + " | ".join(f"{m.fresh_us:,.1f}" for m in clocks.values() if m) + " |",
-        "| ratio A / B | " + " | ".join(f"{m.ratio:.3f}" for m in clocks.values() if m) + " |",
+        "| stream | " + " | ".join(clocks) + " |",
+        "|---|" + "---:|" * len(clocks),
+        f"| {late} median us | " + " | ".join(f"{m.late_us:,.1f}" for m in clocks.values()) + " |",
+        f"| {fresh} median us | " + " | ".join(f"{m.fresh_us:,.1f}" for m in clocks.values()) + " |",
+        "| ratio A / B | " + " | ".join(f"{m.ratio:.3f}" for m in clocks.values()) + " |",
     ]
 
 

@@ -3,7 +3,8 @@
 # the same training recipe (configs/default-stage4.toml: compiled blocks; synthetic data only) run
 # with torchrun on 1 GPU, then on 2, for STEPS steps each from models/default's weights. Each run's
 # metrics.csv (audio seconds per second, counted over all ranks) goes to $OUT, and the median and
-# time-weighted rates of its 25-step windows after the first two (compile, cache warm-up) are printed.
+# time-weighted rates of its 25-step windows after the first two (compile, cache warm-up) are printed
+# (bench/run_throughput.py).
 #   bash scripts/device_ddp.sh [STEPS] [HOURS]
 set -euo pipefail
 source scripts/device_env.sh
@@ -30,13 +31,6 @@ PY
   time torchrun --standalone --nproc-per-node "$n" -m training --config "$config" --init-from models/default \
     --until-step "$steps" -q
   cp "runs/ddp$n/metrics.csv" "$OUT/metrics_${n}gpu.csv"
-  python3 - "runs/ddp$n/metrics.csv" "$n" <<'PY'
-import csv, statistics, sys
-rows = list(csv.DictReader(open(sys.argv[1])))
-rates = [float(r["audio_s_per_s"]) for r in rows[2:]]  # skip the first windows (compile, cache warm-up)
-spans = [float(b["elapsed_s"]) - float(a["elapsed_s"]) for a, b in zip(rows[1:], rows[2:])]
-weighted = sum(r * s for r, s in zip(rates, spans)) / sum(spans)
-print(f"{sys.argv[2]} GPU(s): median {statistics.median(rates):.0f} audio-s/s, time-weighted {weighted:.0f},"
-      f" over {len(rates)} windows; epoch {rows[-1]['epoch']}")
-PY
+  echo -n "$n GPU(s): "
+  python3 bench/run_throughput.py "runs/ddp$n/metrics.csv"
 done

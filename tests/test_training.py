@@ -358,3 +358,19 @@ def test_grown_model_computes_what_its_source_did(old: int, new: int) -> None:
         grown_state_dict(source, replace(TINY, n_layers=new, d_state=16))
     with pytest.raises(ValueError, match="can only add layers"):
         layer_sources(new + 1, new)
+
+
+def test_run_throughput_skips_each_calls_first_windows_and_dev_decoding(tmp_path: Path) -> None:
+    from bench.run_throughput import throughput
+
+    header = "step,epoch,loss,lr,grad_norm,audio_s_per_s,mfu,dev_wer,elapsed_s\n"
+    # call 1: windows of 1 s; the dev window (rate 10) is left out; call 2 restarts elapsed_s
+    rates = [(1, 5), (2, 5), (3, 100), (4, 300), (5, 10, 0.3), (6, 100), (7, 5), (8, 5), (9, 200)]
+    rows, t = [], 0.0
+    for i, (step, rate, *dev) in enumerate(rates):
+        t = 1.0 if i == 6 else t + 1.0 + (step == 9)  # the last window lasts 2 s
+        rows.append(f"{step * 25},0,1.0,1e-3,1.0,{rate},0.01,{dev[0] if dev else ''},{t}\n")
+    (tmp_path / "metrics.csv").write_text(header + "".join(rows))
+    got = throughput(tmp_path / "metrics.csv")
+    assert got.windows == 4  # 100, 300, 100 of call 1 and 200 of call 2
+    assert got.median == 150 and math.isclose(got.time_weighted, (100 + 300 + 100 + 2 * 200) / 5)

@@ -19,7 +19,7 @@ import re
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -403,13 +403,14 @@ class Trainer:
         """Start from a model directory's weights and CMVN (fine-tuning). Its dims must be the config's,
         except that the config may ask for more layers (`training.grow`: new blocks start as the identity)."""
         source, config = load_model(model_dir)
-        same_but_depth = replace(config.dims, n_layers=self.cfg.model.n_layers) == self.cfg.model
-        if not same_but_depth or config.dims.n_layers > self.cfg.model.n_layers:
+        try:
+            weights = grown_state_dict(source, self.cfg.model)
+        except ValueError as e:
             raise DataError(
                 f"--init-from {model_dir}: its dims {config.dims} differ from the config's {self.cfg.model} "
-                "(only a larger n_layers may differ)"
-            )
-        self.model.load_state_dict(grown_state_dict(source, self.cfg.model))
+                f"(only a larger n_layers may differ: {e})"
+            ) from e
+        self.model.load_state_dict(weights)
         self.model.set_cmvn(config.cmvn)
         if config.dims.n_layers < self.cfg.model.n_layers:
             tqdm.write(f"grew {model_dir} from {config.dims.n_layers} to {self.cfg.model.n_layers} layers")
