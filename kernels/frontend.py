@@ -353,13 +353,25 @@ class Plan:
     linear: dict
 
 
-def plan(b: int, l: int, m: int, c: int, d: int, dtype: torch.dtype, sms: int) -> Plan:
-    """The launch plan for B streams, L frames, M mels, C channels, d_model D, the model dtype and sms SMs."""
-    n_co = max(1, min(_MAX_CO_SPLITS, c, sms // b))
+def plan(
+    b: int,
+    l: int,
+    m: int,
+    c: int,
+    d: int,
+    dtype: torch.dtype,
+    sms: int,
+    co_splits: int | None = None,
+    frames_per_program: int | None = None,
+) -> Plan:
+    """The launch plan for B streams, L frames, M mels, C channels, d_model D, the model dtype and sms SMs.
+    `co_splits` (n_co) and `frames_per_program` (FT) override the choice (bench/frontend_plan.py)."""
+    n_co = co_splits if co_splits is not None else max(1, min(_MAX_CO_SPLITS, c, sms // b))
     co_size = triton.cdiv(c, n_co)
     precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32 is not used: the operands are 16-bit
     block_c, pw = max(16, triton.next_power_of_2(c)), triton.next_power_of_2(halved(halved(m)) + 1)
     ft = l if b >= sms else min(l, max(1, _TILE // pw))  # frames per conv program: split while SMs are idle
+    ft = min(l, frames_per_program) if frames_per_program is not None else ft
     conv = dict(
         L=l, FT=ft, BLOCK_C=block_c, BLOCK_M=max(16, pw * min(triton.next_power_of_2(ft), max(1, _TILE // pw))),
         BLOCK_CO=max(16, triton.next_power_of_2(co_size)), BLOCK_K=_K_BLOCK, PW=pw, ROWS1=_CONV1_ROWS,
