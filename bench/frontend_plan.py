@@ -1,8 +1,11 @@
-"""The Triton front end (`kernels/frontend.py`) alone, under each launch plan: GPU time of one `frontend_step` call
-of the default model (bf16), for each BATCHxCHUNK and each plan (n_co conv2 channel blocks x FT frames a conv
-program; "auto" is `plan`'s own choice), from a CUDA graph of `--calls` calls timed by CUDA events.
+"""The Triton front end (`kernels/frontend.py`) alone, under each launch plan and conv-kernel warp count: GPU time of
+one `frontend_step` call of the default model (bf16), for each BATCHxCHUNK and each variant, from a CUDA graph of
+`--calls` calls timed by CUDA events. A variant is PLAN/WARPS: PLAN is "auto" (`plan`'s own choice) or N_CO:FT
+(n_co conv2 channel blocks x FT frames a conv program); WARPS sets `_CONV_WARPS_WHOLE_STREAM`, the conv kernel's
+warps when a program does a whole stream (B >= SMs). `--step` also times the whole graphed encoder step
+(`bench/step_warps.py`'s `median_us`) under each variant.
 
-    python3 bench/frontend_plan.py [--configs 1024x8 256x4] [--plans auto 1/8 1/2 2/2]
+    python3 bench/frontend_plan.py [--configs 1024x8 256x4] [--variants auto/4 auto/8 1:2/8] [--step]
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import functools
 import statistics
 
 import torch
+from step_warps import median_us  # bench/step_warps.py, beside this script
 
 import kernels.frontend
 from asr.features import N_MELS
@@ -43,28 +47,39 @@ def call_us(model: ASRModel, batch: int, chunk: int, calls: int, replays: int) -
     return statistics.median(times)
 
 
+def set_variant(variant: str, auto_plan) -> None:
+    """Point kernels.frontend at the variant's plan and whole-stream warp count."""
+    name, warps = variant.split("/")
+    kernels.frontend._CONV_WARPS_WHOLE_STREAM = int(warps)
+    if name == "auto":
+        kernels.frontend.plan = auto_plan
+    else:
+        n_co, ft = (int(v) for v in name.split(":"))
+        kernels.frontend.plan = functools.partial(auto_plan, co_splits=n_co, frames_per_program=ft)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=["256x4", "1024x1", "1024x8", "4096x8"], help="BATCHxCHUNK")
-    p.add_argument("--plans", nargs="+", default=["auto", "1/1", "1/2", "1/4", "2/2"], help="auto or N_CO/FT")
+    p.add_argument("--variants", nargs="+", default=["auto/4", "auto/8", "1:2/8"], help="PLAN/WARPS")
+    p.add_argument("--step", action="store_true", help="also time the whole graphed encoder step")
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--replays", type=int, default=20)
     args = p.parse_args()
     torch.manual_seed(0)
     model = ASRModel(ModelDimensions()).to("cuda", torch.bfloat16)
     configs = [tuple(int(v) for v in c.split("x")) for c in args.configs]
-    auto = kernels.frontend.plan
-    print("| plan (n_co / FT) | " + " | ".join(f"{b} x {c} (us)" for b, c in configs) + " |")
-    print("|---|" + "---|" * len(configs))
+    auto_plan = kernels.frontend.plan
+    what = ["front end"] + (["whole step"] if args.step else [])
+    print("| variant | " + " | ".join(f"{b} x {c}, {w} (us)" for w in what for b, c in configs) + " |")
+    print("|---|" + "---|" * len(configs) * len(what))
     with torch.inference_mode():
-        for name in args.plans:
-            if name == "auto":
-                kernels.frontend.plan = auto
-            else:
-                n_co, ft = (int(v) for v in name.split("/"))
-                kernels.frontend.plan = functools.partial(auto, co_splits=n_co, frames_per_program=ft)
+        for variant in args.variants:
+            set_variant(variant, auto_plan)
             row = [call_us(model, b, c, args.calls, args.replays) for b, c in configs]
-            print(f"| {name} | " + " | ".join(f"{v:,.1f}" for v in row) + " |", flush=True)
+            if args.step:
+                row += [median_us(model, b, c, 30) for b, c in configs]
+            print(f"| {variant} | " + " | ".join(f"{v:,.1f}" for v in row) + " |", flush=True)
 
 
 if __name__ == "__main__":
