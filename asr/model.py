@@ -36,7 +36,9 @@ from kernels import step as triton_step
 from kernels.encoder_step import EncoderWeights
 from kernels.norm import add_rms_norm
 
-FRONTEND_KERNEL_MIN_FRAMES = 4096  # fused-step chunks of at least this many encoder frames (B L) take kernels/frontend
+# fused-step chunks of at least this many encoder frames (B L) take kernels/frontend: from 64 x 1 to 1,024 x 2 the
+# graphed step took 5-18 % less than with cuDNN's convs; below 64 frames the two were within noise (session 10)
+FRONTEND_KERNEL_MIN_FRAMES = 64
 
 
 @dataclass(frozen=True)
@@ -464,8 +466,8 @@ class ASRModel(nn.Module):
         """feats (B, 4 L, n_mels) raw log-mel -> (B, L, d_model), advancing the front-end state: by the Triton
         front-end kernels on the fused-step path for `few_streams` (the one-launch encoder step's) and from
         FRONTEND_KERNEL_MIN_FRAMES encoder frames (B L) a chunk, on pool `rows`; else by CMVN and
-        `Subsampling.chunk` on `slots` (cuDNN's convs on CUDA, which measured faster in between; without slots it
-        uses the state directly, with no gather and write-back). BENCHMARKS.md, session 8."""
+        `Subsampling.chunk` on `slots` (cuDNN's convs on CUDA; without slots it uses the state directly, with no
+        gather and write-back). BENCHMARKS.md, sessions 8 and 10."""
         frames = feats.shape[0] * (feats.shape[1] // SUBSAMPLING)
         if impl is Impl.STEP and (few_streams or frames >= FRONTEND_KERNEL_MIN_FRAMES):
             return self.frontend.step(feats.float(), state.frontend, rows, self.cmvn_mean, self.cmvn_istd)

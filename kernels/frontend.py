@@ -49,12 +49,12 @@ output are allocated with torch.empty (fine under graph capture).
 Measured on an H200 with a scratch script that was not kept (bf16, default model shapes, CUDA graph of 10 calls, us
 per call; PyTorch = the model's front end): B=1 L=1 17.8 (PyTorch 41.1), B=1 L=8 25.9 (45.1), B=64 L=1 20.0 (48.6),
 B=256 L=4 52.8 (114.2), B=1024 L=8 363 (608). The conv kernel is most of it: its programs are chains of dependent
-gather -> tl.dot steps, about 1 us each at small batches. Inside the whole graphed encoder step the gain shows only
-for large batches (BENCHMARKS.md), so `ASRModel` takes these kernels from `FRONTEND_KERNEL_MIN_FRAMES` encoder
-frames a step, that is B >= 256 at L <= 16: there every plan has n_co = 1 and FT = L, so the channel and frame
-splits and the narrow Linear tiles serve only direct calls with few streams. The h2 scratch is large there: B n_co
-n_q (2 FT + 1) C 2 PW elements, about 140 MB at B=1024, L=8 and 1.1 GB at B=4096, L=16 in bf16, held in the CUDA
-graphs' shared memory pool.
+gather -> tl.dot steps, about 1 us each at small batches. Inside the whole graphed encoder step the gain showed at
+first only for large batches (BENCHMARKS.md, session 5); with the conv kernel at 8 warps for whole-stream programs
+it shows from 64 encoder frames a step (session 10), so `ASRModel` takes these kernels from
+`FRONTEND_KERNEL_MIN_FRAMES` frames, and for the few streams of the one-launch encoder step. The h2 scratch is large
+at large batches: B n_co n_q (2 FT + 1) C 2 PW elements, about 140 MB at B=1024, L=8 and 1.1 GB at B=4096, L=16 in
+bf16, held in the CUDA graphs' shared memory pool.
 """
 
 from __future__ import annotations
