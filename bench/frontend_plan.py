@@ -1,10 +1,10 @@
 """The Triton front end (`kernels/frontend.py`) alone, under each launch plan and conv-kernel warp count: GPU time of
 one `frontend_step` call of the default model (bf16), for each BATCHxCHUNK and each variant, from a CUDA graph of
-`--calls` calls timed by CUDA events. A variant is PLAN/WARPS[/MIN_FRAMES]: PLAN is "auto" (`plan`'s own choice) or
-N_CO:FT (n_co conv2 channel blocks x FT frames a conv program); WARPS sets `_CONV_WARPS_WHOLE_STREAM`, the conv
-kernel's warps when a program does a whole stream (B >= SMs); MIN_FRAMES sets `asr.model.FRONTEND_KERNEL_MIN_FRAMES`,
-from how many encoder frames a step the model takes these kernels instead of cuDNN. `--step` also times the whole
-graphed encoder step (`bench/step_warps.py`'s `median_us`) under each variant.
+`--calls` calls timed by CUDA events (`bench/one_launch.py`'s `graphed_us`). A variant is PLAN/WARPS[/MIN_FRAMES]:
+PLAN is "auto" (`plan`'s own choice) or N_CO:FT (n_co conv2 channel blocks x FT frames a conv program); WARPS sets
+`_CONV_WARPS_WHOLE_STREAM`, the conv kernel's warps when a program does a whole stream (B >= SMs); MIN_FRAMES sets
+`asr.model.FRONTEND_KERNEL_MIN_FRAMES`, from how many encoder frames a step the model takes these kernels instead of
+cuDNN. `--step` also times the whole graphed encoder step (`bench/step_warps.py`'s `median_us`) under each variant.
 
     python3 bench/frontend_plan.py [--configs 1024x8 256x4] [--variants auto/4 auto/8 1:2/8 auto/8/1024] [--step]
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 
 import torch
+from one_launch import graphed_us  # bench/one_launch.py, beside this script
 from step_warps import median_us  # bench/step_warps.py, beside this script
 
 import asr.model
@@ -32,21 +32,7 @@ def call_us(model: ASRModel, batch: int, chunk: int, calls: int, replays: int) -
     slots = torch.arange(batch, device="cuda")
     args = (pool.conv1, pool.conv2, slots, model.cmvn_mean, model.cmvn_istd, fe.conv1.weight, fe.conv1.bias,
             fe.conv2.weight, fe.conv2.bias, fe.out.weight, fe.out.bias)  # fmt: skip
-    for _ in range(2):
-        kernels.frontend.frontend_step(feats, *args, check=False)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            kernels.frontend.frontend_step(feats, *args, check=False)
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
+    return graphed_us(lambda: kernels.frontend.frontend_step(feats, *args, check=False), calls, replays)
 
 
 def set_variant(variant: str, auto_plan, default_min_frames: int) -> None:
