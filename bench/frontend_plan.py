@@ -2,7 +2,7 @@
 one `frontend_step` call of the default model (bf16), for each BATCHxCHUNK and each variant, from a CUDA graph of
 `--calls` calls timed by CUDA events (`bench/one_launch.py`'s `graphed_us`). A variant is PLAN/WARPS[/MIN_FRAMES]:
 PLAN is "auto" (`plan`'s own choice) or N_CO:FT (n_co conv2 channel blocks x FT frames a conv program); WARPS sets
-`_CONV_WARPS_WHOLE_STREAM`, the conv kernel's warps when a program does a whole stream (B >= SMs); MIN_FRAMES sets
+`_CONV_WARPS_MANY_STREAMS`, the conv kernel's warps from B >= SMs streams (one program a stream); MIN_FRAMES sets
 `asr.model.FRONTEND_KERNEL_MIN_FRAMES`, from how many encoder frames a step the model takes these kernels instead of
 cuDNN. `--step` also times the whole graphed encoder step (`bench/step_warps.py`'s `median_us`) under each variant.
 
@@ -38,7 +38,7 @@ def call_us(model: ASRModel, batch: int, chunk: int, calls: int, replays: int) -
 def set_variant(variant: str, auto_plan, default_min_frames: int) -> None:
     """Point kernels.frontend at the variant's plan and whole-stream warp count, and the model at its threshold."""
     name, warps, *min_frames = variant.split("/")
-    kernels.frontend._CONV_WARPS_WHOLE_STREAM = int(warps)
+    kernels.frontend._CONV_WARPS_MANY_STREAMS = int(warps)
     asr.model.FRONTEND_KERNEL_MIN_FRAMES = int(min_frames[0]) if min_frames else default_min_frames
     if name == "auto":
         kernels.frontend.plan = auto_plan

@@ -81,9 +81,10 @@ _K_BLOCK = 64  # reduction block of the conv2 and Linear tl.dots
 # Conv kernel: conv1 rows per tl.dot, warps, software-pipelining stages. Chosen on an H200 (bf16, graphed): 2 rows,
 # 4 warps, 1 stage (pipelining made the conv1 gathers 2-3x slower; K blocks of 128 or 256 and 8 warps were slower)
 _CONV1_ROWS, _CONV_WARPS, _CONV_STAGES = 2, 4, 1
-# ... except when a program does a whole stream (B >= SMs): there 4 warps need 246 registers a thread (2 programs an
-# SM, ncu) and 8 warps took 11-13 % less time at B = 1,024 and 4,096 (bench/frontend_plan.py, BENCHMARKS.md session 10)
-_CONV_WARPS_WHOLE_STREAM = 8
+# ... except from B >= SMs streams (where the plan gives each program a whole stream): there 4 warps need 246 registers
+# a thread (2 programs an SM, ncu) and 8 warps took 9-12 % less time at B = 1,024 and 4,096 (bench/frontend_plan.py,
+# BENCHMARKS.md session 10)
+_CONV_WARPS_MANY_STREAMS = 8
 
 
 def frontend_step_ref(
@@ -373,12 +374,13 @@ def plan(
     co_size = triton.cdiv(c, n_co)
     precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32 is not used: the operands are 16-bit
     block_c, pw = max(16, triton.next_power_of_2(c)), triton.next_power_of_2(halved(halved(m)) + 1)
-    ft = l if b >= sms else min(l, max(1, _TILE // pw))  # frames per conv program: split while SMs are idle
+    many = b >= sms  # every SM has a stream: a program per stream, no splits
+    ft = l if many else min(l, max(1, _TILE // pw))  # frames per conv program: split while SMs are idle
     ft = min(l, frames_per_program) if frames_per_program is not None else ft
     conv = dict(
         L=l, FT=ft, BLOCK_C=block_c, BLOCK_M=max(16, pw * min(triton.next_power_of_2(ft), max(1, _TILE // pw))),
         BLOCK_CO=max(16, triton.next_power_of_2(co_size)), BLOCK_K=_K_BLOCK, PW=pw, ROWS1=_CONV1_ROWS,
-        PRECISION=precision, num_warps=_CONV_WARPS_WHOLE_STREAM if b >= sms else _CONV_WARPS, num_stages=_CONV_STAGES,
+        PRECISION=precision, num_warps=_CONV_WARPS_MANY_STREAMS if many else _CONV_WARPS, num_stages=_CONV_STAGES,
     )  # fmt: skip
     rows = b * l
     block_ml = max(16, min(128 if dtype != torch.float32 else 64, triton.next_power_of_2(rows)))
