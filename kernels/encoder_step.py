@@ -9,27 +9,31 @@ resident at once, runs the whole encoder and meets at one grid-wide barrier a la
 
 The grid holds NP programs for each stream group (stream b in group b % groups, one group a stream while the SMs
 hold them). Program (h, i) of a group owns state rows i BLOCK_P ... of head h of the group's streams; it reads
-its weight tiles of layer l before waiting at the barrier of layer l - 1 (the reads overlap the wait), then:
+its weight tiles of layer l and the state slice of its group's first stream before waiting at the barrier of layer
+l - 1 (the reads overlap the wait), then:
   1. h_l = rms_norm(x) norm_l over the whole residual x (every program keeps its own copy of x, float32 holding
      model-dtype values), and its slice of in_proj: z and x for its channels, B and C of its group, dt of its head,
-     as tl.dots over the B L rows (padded to MAX_ROWS), into a scratch of its own (global, cache-resident);
+     as tl.dots over the B L rows (padded to MAX_ROWS); z stays in registers, the rest goes into a scratch of its
+     own (global, cache-resident), from which the conv reads rows;
   2. for each of its streams: the causal depthwise conv + SiLU of those channels (taps from the conv cache row and
      the scratch's rows), the selective state update and y = S C + D x for the L frames with its state slice in
-     registers (loaded and stored once), the gate g = y silu(z) into the scratch, then the shift of its x
-     channels' conv cache;
+     registers (loaded and stored once), y kept in registers (nothing is stored in the frame loop, so the compiler
+     may issue every frame's loads up front), then the shift of its x channels' conv cache; then g = y silu(z);
   3. its share of the gated RMSNorm and out_proj. The norm's scale rsqrt(mean(g^2) + eps) is one number per row,
      so out_proj(rms_norm(g) w) = rsqrt(...) W_out (g w): every program adds sum(g^2) of its channels and
      W_out[:, its channels] (g w) into float32 accumulators (atomics) of layer l;
-  4. the grid barrier; then x += out_proj from the accumulators (the same sum for every program).
+  4. its arrival at the grid barrier of layer l; the next layer's loads; the wait for the others; then
+     x += out_proj from the accumulators (the same sum for every program).
 B and C are shared by the heads of a group, so every program of the group computes them and reads their conv
 cache; the group's first program writes that cache, after the barrier (when no one reads it any more), from its
 pre-conv B and C rows still in its scratch. After the last layer program 0 applies norm_f and the head.
 
 The barrier is a counter per layer (zeroed with the accumulators by one memset a call): each program adds one
-(release) and spins until all NP have (acquire). It needs every program resident: `encoder_step` refuses a grid
-larger than the SM count. Triton's interpreter runs programs one after another, so a spinning barrier would
-never return there: the interpreter (and `persistent=False`) launches one phase at a time, each launch starting
-from x and replaying the residual adds of the layers before (the accumulators persist within a call).
+(release) as soon as its atomics are issued, and spins until all NP have (acquire) after issuing the next layer's
+loads. It needs every program resident: `encoder_step` refuses a grid larger than the SM count. Triton's
+interpreter runs programs one after another, so a spinning barrier would never return there: the interpreter (and
+`persistent=False`) launches one phase at a time, each launch starting from x and replaying the residual adds of
+the layers before (the accumulators persist within a call).
 
 Rounding follows the per-layer path: in_proj's outputs, out_proj's and each residual sum are rounded to the model
 dtype; the SSM state and every sum are float32 (tl.dot with "ieee" precision for float32 weights: never tf32).
@@ -183,62 +187,70 @@ def _add_mixer(x, acc_ptr, sumsq_ptr, layer, R, rows, rmask, dd, rd_mask, eps, d
 
 
 @triton.jit
-def _grid_barrier(counter_ptr, n_programs):
-    """Wait until all n_programs programs have arrived; every global write before it is visible after it."""
+def _arrive(counter_ptr):
+    """The program's arrival at a grid barrier: its global writes so far become visible to any program that then
+    returns from `_wait` on the same counter."""
     tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait(counter_ptr, n_programs):
+    """Wait until all n_programs programs have arrived at the barrier of counter_ptr."""
     while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < n_programs:
         pass
     tl.debug_barrier()
 
 
 @triton.jit
-def _mixer(x, layer, h, grp, rp, pmask, nn, nmask, sg, n_sg, w_z, w_x, w_b, w_c, w_dt, w_out, scr, slots_ptr,
-           conv_ptr, ssm_ptr, norm_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, dskip_ptr, gnorm_ptr, acc_ptr, sumsq_ptr,
-           B, S, R, rows, mine, dd, dmask, eps, D: tl.constexpr, H: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
-           G: tl.constexpr, K: tl.constexpr, L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-           BLOCK_K: tl.constexpr, SW: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+def _mixer(x, layer, h, grp, rp, pmask, nn, nmask, sg, n_sg, w_z, w_x, w_b, w_c, w_dt, w_out, state0, scr,
+           slot0, slots_ptr, conv_ptr, ssm_ptr, norm_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, dskip_ptr, gnorm_ptr,
+           acc_ptr, sumsq_ptr, B, S, R, rows, mine, dd, dmask, eps, D: tl.constexpr, H: tl.constexpr,
+           P: tl.constexpr, N: tl.constexpr, G: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
+           BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SW: tl.constexpr,
+           PREC: tl.constexpr):  # fmt: skip
     """Steps 1-3 of layer `layer` for the program of head h (group grp), state rows rp, in stream group sg (module
-    docstring), given its in_proj and out_proj weight tiles: its slice of the mixer, added into the layer's
-    accumulators."""
+    docstring), given its in_proj and out_proj weight tiles and the state slice state0 of its first stream (sg, in
+    pool row slot0), loaded before the grid barrier: its slice of the mixer, added into the layer's accumulators."""
     DI = H * P
     CD = DI + 2 * G * N
     pp = tl.arange(0, BLOCK_P)  # the scratch's local columns of rp
     xch, bch, cch = h * P + rp, DI + grp * N + nn, DI + (G + grp) * N + nn  # conv channels
     hn = _rms_rows(x, norm_ptr + layer * D, dd, dmask, eps, D).to(w_z.dtype)
     dt_raw = tl.sum(hn.to(tl.float32) * w_dt[None, :], axis=1).to(w_z.dtype).to(tl.float32)  # (BLOCK_R,)
-    srow = scr + rows[:, None] * SW  # the program's scratch: z | x | B | C | g | dt, by row
-    tl.store(srow + pp[None, :], _proj(hn, w_z, PREC))
-    tl.store(srow + BLOCK_P + pp[None, :], _proj(hn, w_x, PREC))
-    tl.store(srow + 2 * BLOCK_P + nn[None, :], _proj(hn, w_b, PREC))
-    tl.store(srow + 2 * BLOCK_P + BLOCK_N + nn[None, :], _proj(hn, w_c, PREC))
-    tl.store(scr + rows * SW + 3 * BLOCK_P + 2 * BLOCK_N, dt_raw)
+    z = _proj(hn, w_z, PREC)  # (BLOCK_R, BLOCK_P), kept for the gate
+    srow = scr + rows[:, None] * SW  # the program's scratch: x | B | C | dt, by row (pre-conv)
+    tl.store(srow + pp[None, :], _proj(hn, w_x, PREC))
+    tl.store(srow + BLOCK_P + nn[None, :], _proj(hn, w_b, PREC))
+    tl.store(srow + BLOCK_P + BLOCK_N + nn[None, :], _proj(hn, w_c, PREC))
+    tl.store(scr + rows * SW + BLOCK_P + 2 * BLOCK_N, dt_raw)
     tl.debug_barrier()
     A = -tl.exp(tl.load(alog_ptr + layer * H + h).to(tl.float32))
     d_skip = tl.load(dskip_ptr + layer * H + h).to(tl.float32)
     dt_bias = tl.load(dtb_ptr + layer * H + h).to(tl.float32)
     cw, cb = cw_ptr + layer * CD * K, cb_ptr + layer * CD
+    s_mask = pmask[:, None] & nmask[None, :]
+    slot, state = slot0, state0
+    y = tl.zeros_like(z)  # row r: the y of row r's frame, kept in registers (no store in the frame loop)
     for b in range(sg, B, n_sg):
-        slot = tl.load(slots_ptr + b)
-        cache = conv_ptr + (layer * S + slot) * CD * (K - 1)
         s_ptr = ssm_ptr + ((layer * S + slot) * H + h) * P * N + rp[:, None] * N + nn[None, :]
-        s_mask = pmask[:, None] & nmask[None, :]
-        state = tl.load(s_ptr, mask=s_mask, other=0.0)
+        if b != sg:
+            slot = tl.load(slots_ptr + b)
+            s_ptr = ssm_ptr + ((layer * S + slot) * H + h) * P * N + rp[:, None] * N + nn[None, :]
+            state = tl.load(s_ptr, mask=s_mask, other=0.0)
+        cache = conv_ptr + (layer * S + slot) * CD * (K - 1)
         r0 = b * L
         for t in tl.static_range(L):
-            xt = _conv_silu(scr, BLOCK_P, pp, pmask, cache, cw, cb, xch, r0, t, K, SW)
-            bt = _conv_silu(scr, 2 * BLOCK_P, nn, nmask, cache, cw, cb, bch, r0, t, K, SW)
-            ct = _conv_silu(scr, 2 * BLOCK_P + BLOCK_N, nn, nmask, cache, cw, cb, cch, r0, t, K, SW)
-            frame = scr + (r0 + t) * SW
-            dt = _softplus(tl.load(frame + 3 * BLOCK_P + 2 * BLOCK_N) + dt_bias)
-            zt = tl.load(frame + pp)
+            xt = _conv_silu(scr, 0, pp, pmask, cache, cw, cb, xch, r0, t, K, SW)
+            bt = _conv_silu(scr, BLOCK_P, nn, nmask, cache, cw, cb, bch, r0, t, K, SW)
+            ct = _conv_silu(scr, BLOCK_P + BLOCK_N, nn, nmask, cache, cw, cb, cch, r0, t, K, SW)
+            dt = _softplus(tl.load(scr + (r0 + t) * SW + BLOCK_P + 2 * BLOCK_N) + dt_bias)
             state = state * tl.exp(dt * A) + (dt * xt)[:, None] * bt[None, :]
-            y = tl.sum(state * ct[None, :], axis=1) + d_skip * xt
-            tl.store(frame + 2 * BLOCK_P + 2 * BLOCK_N + pp, y * zt * tl.sigmoid(zt))
+            yt = tl.sum(state * ct[None, :], axis=1) + d_skip * xt
+            y = tl.where(rows[:, None] == r0 + t, yt[None, :], y)
         tl.store(s_ptr, state, mask=s_mask)
-        _shift_cache(scr, BLOCK_P, pp, pmask, cache, xch, r0, L, K, BLOCK_K, SW)
-    tl.debug_barrier()
-    gated = tl.load(srow + 2 * BLOCK_P + 2 * BLOCK_N + pp[None, :], mask=mine[:, None] & pmask[None, :], other=0.0)
+        _shift_cache(scr, 0, pp, pmask, cache, xch, r0, L, K, BLOCK_K, SW)
+    gated = y * z * tl.sigmoid(z)  # zero outside the group's rows, where y is
     tl.atomic_add(sumsq_ptr + layer * R + rows, tl.sum(gated * gated, axis=1), mask=mine, sem="relaxed")
     gw = tl.load(gnorm_ptr + layer * DI + xch, mask=pmask, other=0.0).to(tl.float32)
     part = tl.dot((gated * gw[None, :]).to(w_out.dtype), w_out, input_precision=PREC)  # (BLOCK_R, BLOCK_D)
@@ -257,8 +269,8 @@ def _write_bc_cache(layer, grp, sg, n_sg, scr, slots_ptr, conv_ptr, B, S, N: tl.
     CD = DI + 2 * G * N
     for b in range(sg, B, n_sg):
         cache = conv_ptr + (layer * S + tl.load(slots_ptr + b)) * CD * (K - 1)
-        _shift_cache(scr, 2 * BLOCK_P, nn, nmask, cache, DI + grp * N + nn, b * L, L, K, BLOCK_K, SW)
-        _shift_cache(scr, 2 * BLOCK_P + BLOCK_N, nn, nmask, cache, DI + (G + grp) * N + nn, b * L, L, K, BLOCK_K, SW)
+        _shift_cache(scr, BLOCK_P, nn, nmask, cache, DI + grp * N + nn, b * L, L, K, BLOCK_K, SW)
+        _shift_cache(scr, BLOCK_P + BLOCK_N, nn, nmask, cache, DI + (G + grp) * N + nn, b * L, L, K, BLOCK_K, SW)
     tl.debug_barrier()
 
 
@@ -296,7 +308,7 @@ def _encoder_step_kernel(x_ptr, out_ptr, slots_ptr, conv_ptr, ssm_ptr, norm_ptr,
     is_writer = q % (n_rb * (H // G)) == 0  # the first program of its group
     DI = H * P
     CD = DI + 2 * G * N
-    SW = 3 * BLOCK_P + 2 * BLOCK_N + 1
+    SW = BLOCK_P + 2 * BLOCK_N + 1
     scr = scratch_ptr + pid * BLOCK_R * SW
     R = B * L
     rows = tl.arange(0, BLOCK_R)
@@ -311,6 +323,9 @@ def _encoder_step_kernel(x_ptr, out_ptr, slots_ptr, conv_ptr, ssm_ptr, norm_ptr,
     nn = tl.arange(0, BLOCK_N)
     nmask = nn < N
     x = tl.load(x_ptr + rows[:, None] * D + dd[None, :], mask=rd_mask, other=0.0).to(tl.float32)
+    slot0 = tl.load(slots_ptr + sg)  # the group's first stream: its state slice is loaded before each barrier
+    s_off = h * P * N + rp[:, None] * N + nn[None, :]
+    s_mask = pmask[:, None] & nmask[None, :]
     for layer in range(0, first - 1):  # launched phase by phase: the residual adds before phase first - 1's
         x = _add_mixer(x, acc_ptr, sumsq_ptr, layer, R, rows, rmask, dd, rd_mask, eps, dtype, D, DI)
     for phase in range(first, last + 1):
@@ -326,18 +341,21 @@ def _encoder_step_kernel(x_ptr, out_ptr, slots_ptr, conv_ptr, ssm_ptr, norm_ptr,
             mask=pmask[:, None] & dmask[None, :],
             other=0.0,
         )  # (BLOCK_P, BLOCK_D): W_out[:, x ch]^T
+        state0 = tl.load(ssm_ptr + (layer * S + slot0) * H * P * N + s_off, mask=s_mask & (phase < NL), other=0.0)
         if phase > 0:
             if SYNC:
-                _grid_barrier(bar_ptr + phase - 1, tl.num_programs(0))
+                _wait(bar_ptr + phase - 1, tl.num_programs(0))
             x = _add_mixer(x, acc_ptr, sumsq_ptr, phase - 1, R, rows, rmask, dd, rd_mask, eps, dtype, D, DI)
             if is_writer:
                 _write_bc_cache(phase - 1, grp, sg, n_sg, scr, slots_ptr, conv_ptr, B, S, N, G, DI, K, L, BLOCK_P,
                                 BLOCK_N, BLOCK_K, SW)  # fmt: skip
         if phase < NL:
-            _mixer(x, layer, h, grp, rp, pmask, nn, nmask, sg, n_sg, w_z, w_x, w_b, w_c, w_dt, w_out, scr, slots_ptr,
-                   conv_ptr, ssm_ptr, norm_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, dskip_ptr, gnorm_ptr, acc_ptr,
-                   sumsq_ptr, B, S, R, rows, mine, dd, dmask, eps, D, H, P, N, G, K, L, BLOCK_P, BLOCK_N, BLOCK_K, SW,
-                   PREC)  # fmt: skip
+            _mixer(x, layer, h, grp, rp, pmask, nn, nmask, sg, n_sg, w_z, w_x, w_b, w_c, w_dt, w_out, state0, scr,
+                   slot0, slots_ptr, conv_ptr, ssm_ptr, norm_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, dskip_ptr,
+                   gnorm_ptr, acc_ptr, sumsq_ptr, B, S, R, rows, mine, dd, dmask, eps, D, H, P, N, G, K, L, BLOCK_P,
+                   BLOCK_N, BLOCK_K, SW, PREC)  # fmt: skip
+            if SYNC:
+                _arrive(bar_ptr + phase)  # before the next layer's loads, which overlap the others' arrivals
         elif pid == 0:
             _head(x, out_ptr, normf_ptr, hw_ptr, hb_ptr, rows, rmask, dd, dmask, eps, D, V, BLOCK_V, PREC)
 
@@ -440,7 +458,7 @@ def encoder_step(
     work = torch.zeros(n_acc + nl, device=x.device, dtype=torch.int32)  # one memset: accumulators and counters
     acc, sumsq = work[: nl * r * d].view(torch.float32), work[nl * r * d : n_acc].view(torch.float32)
     block_n = max(16, triton.next_power_of_2(n))
-    scratch = torch.empty(groups * n_programs, MAX_ROWS, 3 * _BLOCK_P + 2 * block_n + 1, device=x.device)
+    scratch = torch.empty(groups * n_programs, MAX_ROWS, _BLOCK_P + 2 * block_n + 1, device=x.device)
     out = torch.empty(b, l, v, device=x.device, dtype=x.dtype)
     consts = dict(
         NL=nl, D=d, H=h, P=p, N=n, G=w.n_groups, K=k, L=l, V=v, BLOCK_R=MAX_ROWS,
