@@ -203,15 +203,16 @@ def _wait(counter_ptr, n_programs):
 
 
 @triton.jit
-def _mixer(x, layer, h, grp, rp, pmask, nn, nmask, sg, n_sg, w_z, w_x, w_b, w_c, w_dt, w_out, state0, scr,
-           slot0, slots_ptr, conv_ptr, ssm_ptr, norm_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, dskip_ptr, gnorm_ptr,
-           acc_ptr, sumsq_ptr, B, S, R, rows, mine, dd, dmask, eps, D: tl.constexpr, H: tl.constexpr,
-           P: tl.constexpr, N: tl.constexpr, G: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
+def _mixer(x, layer, h, grp, rp, pmask, nn, nmask, sg, n_sg, w_z, w_x, w_b, w_c, w_dt, w_out, state0, s_off,
+           s_mask, scr, slot0, slots_ptr, conv_ptr, ssm_ptr, norm_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr,
+           dskip_ptr, gnorm_ptr, acc_ptr, sumsq_ptr, B, S, R, rows, mine, dd, dmask, eps, D: tl.constexpr,
+           H: tl.constexpr, P: tl.constexpr, N: tl.constexpr, G: tl.constexpr, K: tl.constexpr, L: tl.constexpr,
            BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SW: tl.constexpr,
            PREC: tl.constexpr):  # fmt: skip
     """Steps 1-3 of layer `layer` for the program of head h (group grp), state rows rp, in stream group sg (module
     docstring), given its in_proj and out_proj weight tiles and the state slice state0 of its first stream (sg, in
-    pool row slot0), loaded before the grid barrier: its slice of the mixer, added into the layer's accumulators."""
+    pool row slot0; s_off and s_mask address the slice in a row), loaded before the grid barrier: its slice of the
+    mixer, added into the layer's accumulators."""
     DI = H * P
     CD = DI + 2 * G * N
     pp = tl.arange(0, BLOCK_P)  # the scratch's local columns of rp
@@ -229,15 +230,13 @@ def _mixer(x, layer, h, grp, rp, pmask, nn, nmask, sg, n_sg, w_z, w_x, w_b, w_c,
     d_skip = tl.load(dskip_ptr + layer * H + h).to(tl.float32)
     dt_bias = tl.load(dtb_ptr + layer * H + h).to(tl.float32)
     cw, cb = cw_ptr + layer * CD * K, cb_ptr + layer * CD
-    s_mask = pmask[:, None] & nmask[None, :]
     slot, state = slot0, state0
     y = tl.zeros_like(z)  # row r: the y of row r's frame, kept in registers (no store in the frame loop)
     for b in range(sg, B, n_sg):
-        s_ptr = ssm_ptr + ((layer * S + slot) * H + h) * P * N + rp[:, None] * N + nn[None, :]
-        if b != sg:
+        if b != sg:  # a later stream of the group: its state was not loaded before the barrier
             slot = tl.load(slots_ptr + b)
-            s_ptr = ssm_ptr + ((layer * S + slot) * H + h) * P * N + rp[:, None] * N + nn[None, :]
-            state = tl.load(s_ptr, mask=s_mask, other=0.0)
+            state = tl.load(ssm_ptr + (layer * S + slot) * H * P * N + s_off, mask=s_mask, other=0.0)
+        s_ptr = ssm_ptr + (layer * S + slot) * H * P * N + s_off
         cache = conv_ptr + (layer * S + slot) * CD * (K - 1)
         r0 = b * L
         for t in tl.static_range(L):
@@ -350,10 +349,10 @@ def _encoder_step_kernel(x_ptr, out_ptr, slots_ptr, conv_ptr, ssm_ptr, norm_ptr,
                 _write_bc_cache(phase - 1, grp, sg, n_sg, scr, slots_ptr, conv_ptr, B, S, N, G, DI, K, L, BLOCK_P,
                                 BLOCK_N, BLOCK_K, SW)  # fmt: skip
         if phase < NL:
-            _mixer(x, layer, h, grp, rp, pmask, nn, nmask, sg, n_sg, w_z, w_x, w_b, w_c, w_dt, w_out, state0, scr,
-                   slot0, slots_ptr, conv_ptr, ssm_ptr, norm_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, dskip_ptr,
-                   gnorm_ptr, acc_ptr, sumsq_ptr, B, S, R, rows, mine, dd, dmask, eps, D, H, P, N, G, K, L, BLOCK_P,
-                   BLOCK_N, BLOCK_K, SW, PREC)  # fmt: skip
+            _mixer(x, layer, h, grp, rp, pmask, nn, nmask, sg, n_sg, w_z, w_x, w_b, w_c, w_dt, w_out, state0, s_off,
+                   s_mask, scr, slot0, slots_ptr, conv_ptr, ssm_ptr, norm_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr,
+                   dskip_ptr, gnorm_ptr, acc_ptr, sumsq_ptr, B, S, R, rows, mine, dd, dmask, eps, D, H, P, N, G, K, L,
+                   BLOCK_P, BLOCK_N, BLOCK_K, SW, PREC)  # fmt: skip
             if SYNC:
                 _arrive(bar_ptr + phase)  # before the next layer's loads, which overlap the others' arrivals
         elif pid == 0:
