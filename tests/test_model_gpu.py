@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import asr.model
+import kernels.encoder_step
 from asr import DEFAULT_MODEL_DIR
 from asr.checkpoint import load_model
 from asr.features import CMVN, N_MELS
@@ -183,9 +184,13 @@ def test_sixty_minute_stream(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @torch.inference_mode()
 @pytest.mark.parametrize("streams", [1, 8], ids=["one-launch", "per-layer"])
-def test_bundled_model_streams_as_offline(streams: int) -> None:
+def test_bundled_model_streams_as_offline(streams: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The bundled model (16 blocks, int8 storage) as the server runs it on CUDA: the graphed stepper fed random
-    chunk sizes gives the offline log-probs, through the one-launch step (1 stream) and the per-layer step (8)."""
+    chunk sizes gives the offline log-probs, through the one-launch step (1 stream) and the per-layer step (8);
+    which one ran is counted (the graphs call the step when they are captured)."""
+    launches = []
+    one_launch = kernels.encoder_step.encoder_step
+    monkeypatch.setattr(kernels.encoder_step, "encoder_step", lambda *a, **k: launches.append(1) or one_launch(*a, **k))
     model, _ = load_model(DEFAULT_MODEL_DIR, device="cuda")
     stepper = EncoderStepper(model, capacity=streams, device="cuda")
     frames = 300
@@ -197,3 +202,4 @@ def test_bundled_model_streams_as_offline(streams: int) -> None:
         done += n
     offline = model(feats).float().log_softmax(-1)
     assert _rel(torch.cat(out, dim=1), offline) < 2e-3
+    assert bool(launches) == (streams == 1), f"{len(launches)} one-launch calls for {streams} streams"
