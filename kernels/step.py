@@ -26,6 +26,17 @@ the frame loop, so the compiler may issue every frame's loads up front; with the
 loads only x, B, C and dt. The shapes are too small for tl.dot (one frame at a time): broadcasts and tl.sum, all
 in float32 (no tf32).
 
+Kernel 2 in the chunked form, `_step_ssd_kernel`, same grid, for half-precision models from `_SSD_MIN_FRAMES` frames:
+the L frames as one chunk of the chunked scan (`kernels/ssd_scan._fwd_chunk`, frames padded to 16 with dt = 0),
+
+    y = (mask * C B^T) @ (dt x) + exp(a) (C @ S0^T) + D x       S1 = exp(a_L) S0 + (dt x exp(a_L - a))^T @ B
+
+as four tl.dots on tensor cores with TF32 inputs and float32 sums (the offline forward's Triton scan rounds the
+same way); the state is still read and written once, in float32. At 1,024 streams of 16 frames the graphed encoder
+step took 3,555 us against 4,717 frame by frame; from 4 frames down the per-frame kernel is faster (its cost grows
+with the frames, this one's barely) (bench/step_ssd.py, BENCHMARKS.md). Float32 models keep the per-frame kernel:
+their sums are float32 throughout, never TF32.
+
 Kernel 3, `_step_norm_kernel`, grid (B,): the gated RMSNorm over the whole d_inner of the stream's L rows,
 out = rmsnorm(y * silu(z)) * norm_weight, in zxbcdt's dtype.
 
@@ -47,6 +58,7 @@ import triton
 import triton.language as tl
 
 from asr.ssm import causal_conv1d, gated_rms_norm, ssm_scan_ref
+from kernels.ssd_scan import _fwd_chunk, _load_rows
 
 __all__ = ["step", "step_ref", "check_slots", "MAX_FRAMES"]
 
@@ -56,6 +68,10 @@ _CONV_BLOCK, _CONV_WARPS = 128, 4  # conv kernel: channels per program
 _SCAN_ROWS, _SCAN_WARPS = 16, 2  # scan kernel: state rows per program; the graphed encoder step at batch 1024 x
 # 8 frames took 3,043 us against 3,544 us at 64 rows (one program per head) (bench/step_warps.py, BENCHMARKS.md)
 _NORM_WARPS = 8  # norm kernel: up to (16, d_inner) rows in one program
+# From this many frames a half-precision step takes `_step_ssd_kernel` (the chunked form, TF32 tl.dots on tensor
+# cores) instead of `_step_scan_kernel`; its state rows per program and warps (bench/step_ssd.py, BENCHMARKS.md)
+_SSD_MIN_FRAMES = 8
+_SSD_ROWS, _SSD_WARPS = 32, 2
 
 
 def step_ref(
@@ -226,6 +242,52 @@ def _step_scan_kernel(
 
 
 @triton.jit
+def _step_ssd_kernel(
+    xbc_ptr,
+    dt_ptr,
+    state_ptr,
+    slots_ptr,
+    A_log_ptr,
+    D_ptr,
+    y_ptr,
+    d_inner,
+    conv_dim,
+    n_heads,
+    heads_per_group,
+    n_groups,
+    P,
+    N,
+    L: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Program (b, h, i): what `_step_scan_kernel`'s does, with the L frames as one chunk of `_fwd_chunk` (tl.dots on
+    tensor cores; frames padded to BLOCK_L >= 16 with dt = 0, which leaves the state as it is)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slots_ptr + b)
+    grp = h // heads_per_group
+    rp = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rn = tl.arange(0, BLOCK_N)
+    t = tl.arange(0, BLOCK_L)
+    frames = xbc_ptr + b * L * conv_dim
+    x = _load_rows(frames + h * P, t, L, conv_dim, rp, P)
+    Bt = _load_rows(frames + d_inner + grp * N, t, L, conv_dim, rn, N)
+    Ct = _load_rows(frames + d_inner + (n_groups + grp) * N, t, L, conv_dim, rn, N)
+    dt = tl.load(dt_ptr + (b * L + t) * n_heads + h, mask=t < L, other=0.0)
+    s_off = (slot * n_heads + h) * P * N + rp[:, None] * N + rn[None, :]
+    s_mask = (rp[:, None] < P) & (rn[None, :] < N)
+    S = tl.load(state_ptr + s_off, mask=s_mask, other=0.0)
+    A = -tl.exp(tl.load(A_log_ptr + h).to(tl.float32))
+    y, S = _fwd_chunk(x, dt, A, Bt, Ct, S, BLOCK_L, PRECISION)
+    y += tl.load(D_ptr + h).to(tl.float32) * x
+    tl.store(y_ptr + (b * L + t[:, None]) * d_inner + h * P + rp[None, :], y, mask=(t[:, None] < L) & (rp[None, :] < P))
+    tl.store(state_ptr + s_off, S, mask=s_mask)
+
+
+@triton.jit
 def _step_norm_kernel(
     y_ptr,
     zx_ptr,
@@ -376,11 +438,19 @@ def step(
         L=l, K=k, BLOCK_C=_CONV_BLOCK, BLOCK_K=triton.next_power_of_2(k - 1), BLOCK_L=block_l,
         BLOCK_H=triton.next_power_of_2(h), num_warps=_CONV_WARPS,
     )  # fmt: skip
-    block_p = min(_SCAN_ROWS, triton.next_power_of_2(head_dim))
-    _step_scan_kernel[(b, h, triton.cdiv(head_dim, block_p))](
-        xbc, dt, ssm_state, slots, A_log, D, y, d_inner, conv_dim, h, h // n_groups, n_groups, head_dim, n,
-        L=l, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(n), BLOCK_L=block_l, num_warps=_SCAN_WARPS,
-    )  # fmt: skip
+    scan_args = (xbc, dt, ssm_state, slots, A_log, D, y, d_inner, conv_dim, h, h // n_groups, n_groups, head_dim, n)
+    if zxbcdt.dtype != torch.float32 and l >= _SSD_MIN_FRAMES:  # fp32 weights: float32 sums throughout, never tf32
+        block_p = min(_SSD_ROWS, max(16, triton.next_power_of_2(head_dim)))  # tl.dot: at least 16
+        _step_ssd_kernel[(b, h, triton.cdiv(head_dim, block_p))](
+            *scan_args, L=l, BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_L=max(16, block_l),
+            PRECISION="ieee" if _interpreting() else "tf32", num_warps=_SSD_WARPS,
+        )  # fmt: skip
+    else:
+        block_p = min(_SCAN_ROWS, triton.next_power_of_2(head_dim))
+        _step_scan_kernel[(b, h, triton.cdiv(head_dim, block_p))](
+            *scan_args, L=l, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(n), BLOCK_L=block_l,
+            num_warps=_SCAN_WARPS,
+        )  # fmt: skip
     _step_norm_kernel[(b,)](
         y, zxbcdt, norm_weight, out, d_in_proj, d_inner, eps,
         L=l, BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d_inner), num_warps=_NORM_WARPS,

@@ -118,6 +118,41 @@ def test_matches_ref_bf16(l: int) -> None:
     _check_step(secrets.randbits(32), Shapes(n_groups=2), 3, l, torch.bfloat16, 2e-2)
 
 
+@pytest.mark.parametrize(("dtype", "l", "rows"), [(torch.bfloat16, 16, 32), (torch.float16, 8, 16)])
+def test_chunked_form(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, l: int, rows: int) -> None:
+    """A half-precision step of `_SSD_MIN_FRAMES` frames or more takes `_step_ssd_kernel` (the SSM as one chunk of
+    tl.dots; "ieee" dots in the interpreter), head_dim 64 split over 64 / rows programs."""
+    monkeypatch.setattr(kernels.step, "_SSD_ROWS", rows)
+    launched = []
+    ssd = kernels.step._step_ssd_kernel
+    monkeypatch.setattr(kernels.step, "_step_ssd_kernel", _Counting(ssd, launched))
+    _check_step(secrets.randbits(32), Shapes(heads=2, head_dim=64, n_groups=2), 3, l, dtype, 2e-2)
+    assert launched == [(3, 2, 64 // rows)], launched
+
+
+class _Counting:
+    """A kernel that records the grid of each launch."""
+
+    def __init__(self, kernel, grids: list) -> None:
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_chunked_form_odd_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunked form at every frame count from 1 (forced) with head_dim, d_state and conv width that are not
+    powers of two (tl.dot's tiles padded to 16), and several groups."""
+    monkeypatch.setattr(kernels.step, "_SSD_MIN_FRAMES", 1)
+    launched = []
+    monkeypatch.setattr(kernels.step, "_step_ssd_kernel", _Counting(kernels.step._step_ssd_kernel, launched))
+    for l in (1, 2, 3, 5):
+        _check_step(secrets.randbits(32), Shapes(heads=3, head_dim=12, d_state=10, n_groups=3, d_conv=3), 2, l,
+                    torch.bfloat16, 2e-2)  # fmt: skip
+    assert launched == [(2, 3, 1)] * 4, launched
+
+
 def test_odd_sizes() -> None:
     """head_dim, d_state and conv width that are not powers of two (masked lanes)."""
     _check_step(
@@ -244,9 +279,10 @@ def test_bad_arguments(name: str, mutate, message: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b", [1, 64])
-@pytest.mark.parametrize("l", [1, 4, 8])
+@pytest.mark.parametrize("l", [1, 4, 8, 16])
 def test_gpu_model_shapes(dtype: torch.dtype, b: int, l: int) -> None:
-    """The default model's sizes (d_inner 512, H 8, P 64, N 64, g 1) on a pool of 96 slots, compiled."""
+    """The default model's sizes (d_inner 512, H 8, P 64, N 64, g 1) on a pool of 96 slots, compiled; bf16 from
+    `_SSD_MIN_FRAMES` frames through the chunked form (TF32 dots)."""
     s = Shapes(heads=8, head_dim=64, d_state=64, n_groups=1)
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
     _check_step(secrets.randbits(32), s, b, l, dtype, tol, device="cuda", pool=96)
@@ -257,6 +293,7 @@ def compile_for_hopper(frames: int) -> None:
     consts = {
         kernels.step._step_conv_kernel: (dict(L=frames, K=4, BLOCK_C=128, BLOCK_K=4, BLOCK_L=frames, BLOCK_H=8), 4),
         kernels.step._step_scan_kernel: (dict(L=frames, BLOCK_P=16, BLOCK_N=64, BLOCK_L=frames), 2),
+        kernels.step._step_ssd_kernel: (dict(L=frames, BLOCK_P=32, BLOCK_N=64, BLOCK_L=16, PRECISION="tf32"), 2),
         kernels.step._step_norm_kernel: (dict(L=frames, BLOCK_L=frames, BLOCK_D=512), 8),
     }
     bf16 = {"zx_ptr", "cache_ptr", "w_ptr", "bias_ptr", "norm_w_ptr", "out_ptr"}
