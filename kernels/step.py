@@ -9,11 +9,11 @@ zxbcdt (B, L, d_in_proj) = [z (d_inner) | x (d_inner) | B (g N) | C (g N) | dt (
 in zxbcdt's dtype, ssm_state (S, H, P, N) float32, slots (B,) int64 distinct.
 
 Kernel 1, `_step_conv_kernel`, grid (B, conv_dim / BLOCK_C): the causal depthwise conv + SiLU of one block of
-channels for all L frames, into a float32 scratch xbc (B, L, conv_dim) (the K taps come from the conv cache row
-for t + k < K - 1 and from zxbcdt after), then the shift of those channels' cache to the last K - 1 inputs (all
-reads of the old row come before a barrier, the writes after: for L < K - 1 the new row keeps part of the old).
-Channel blocks are disjoint, so no program reads cache that another writes. Block 0 also writes
-dt = softplus(dt + dt_bias) (B, L, H) float32.
+channels for all L frames, into a scratch xbc (B, L, conv_dim), float32 (or the model dtype for kernel 2's chunked
+form), the K taps from the conv cache row for t + k < K - 1 and from zxbcdt after; then the shift of those
+channels' cache to the last K - 1 inputs (all reads of the old row come before a barrier, the writes after: for
+L < K - 1 the new row keeps part of the old). Channel blocks are disjoint, so no program reads cache that another
+writes. Block 0 also writes dt = softplus(dt + dt_bias) (B, L, H) float32.
 
 Kernel 2, `_step_scan_kernel`, grid (B, H, P / BLOCK_P): one program per BLOCK_P rows of one head's state of one
 stream. It loads its (BLOCK_P, N) state slice ONCE into float32 registers and, for each frame t (unrolled, L is a
@@ -164,7 +164,7 @@ def _step_conv_kernel(
     cache = cache_ptr + slot * conv_dim * (K - 1)
     for t in tl.static_range(L):
         v = _conv_silu(row + d_inner, cache, w_ptr, bias_ptr, ch, mask, d_in_proj, t, K)
-        tl.store(xbc_ptr + (b * L + t) * conv_dim + ch, v, mask=mask)
+        tl.store(xbc_ptr + (b * L + t) * conv_dim + ch, v.to(xbc_ptr.dtype.element_ty), mask=mask)
     _shift_conv_cache(row + d_inner, cache, ch, mask, d_in_proj, L, K, BLOCK_K)
     if j == 0:
         rows = tl.arange(0, BLOCK_L)[:, None]
@@ -229,9 +229,9 @@ def _step_scan_kernel(
     Y = tl.zeros((BLOCK_P, BLOCK_L), dtype=tl.float32)  # column t: frame t's y
     for t in tl.static_range(L):
         frame = xbc_ptr + (b * L + t) * conv_dim
-        x = tl.load(frame + h * P + rp, mask=mp, other=0.0)
-        Bt = tl.load(frame + d_inner + grp * N + rn, mask=mn, other=0.0)
-        Ct = tl.load(frame + d_inner + (n_groups + grp) * N + rn, mask=mn, other=0.0)
+        x = tl.load(frame + h * P + rp, mask=mp, other=0.0).to(tl.float32)
+        Bt = tl.load(frame + d_inner + grp * N + rn, mask=mn, other=0.0).to(tl.float32)
+        Ct = tl.load(frame + d_inner + (n_groups + grp) * N + rn, mask=mn, other=0.0).to(tl.float32)
         dt = tl.load(dt_ptr + (b * L + t) * n_heads + h)
         S = S * tl.exp(dt * A) + (dt * x)[:, None] * Bt[None, :]
         y = tl.sum(S * Ct[None, :], axis=1) + Dh * x
@@ -429,7 +429,11 @@ def step(
         t.contiguous() for t in (zxbcdt, slots, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight)
     )  # the kernels read slots[b] at slots_ptr + b
     f32 = dict(device=zxbcdt.device, dtype=torch.float32)
-    xbc, dt = torch.empty(b, l, conv_dim, **f32), torch.empty(b, l, h, **f32)
+    ssd = zxbcdt.dtype != torch.float32 and l >= _SSD_MIN_FRAMES  # fp32 weights: float32 sums throughout, no tf32
+    # the chunked form reads the conv's output rounded to the model dtype, as `step_ref`'s is (less traffic); the
+    # per-frame scan reads it in float32 (its scalar bf16 loads measured slower)
+    xbc = torch.empty(b, l, conv_dim, device=zxbcdt.device, dtype=zxbcdt.dtype if ssd else torch.float32)
+    dt = torch.empty(b, l, h, **f32)
     y = torch.empty(b, l, d_inner, **f32)
     out = torch.empty(b, l, d_inner, device=zxbcdt.device, dtype=zxbcdt.dtype)
     block_l = triton.next_power_of_2(l)
@@ -439,7 +443,7 @@ def step(
         BLOCK_H=triton.next_power_of_2(h), num_warps=_CONV_WARPS,
     )  # fmt: skip
     scan_args = (xbc, dt, ssm_state, slots, A_log, D, y, d_inner, conv_dim, h, h // n_groups, n_groups, head_dim, n)
-    if zxbcdt.dtype != torch.float32 and l >= _SSD_MIN_FRAMES:  # fp32 weights: float32 sums throughout, never tf32
+    if ssd:
         block_p = min(_SSD_ROWS, max(16, triton.next_power_of_2(head_dim)))  # tl.dot: at least 16
         _step_ssd_kernel[(b, h, triton.cdiv(head_dim, block_p))](
             *scan_args, L=l, BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_L=max(16, block_l),
