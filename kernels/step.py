@@ -192,6 +192,18 @@ def _shift_conv_cache(
 
 
 @triton.jit
+def _state_slice(slots_ptr, n_heads, heads_per_group, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (b, h, i) of a scan kernel: b, h, its group, its state rows rp and columns rn, and the offsets and mask
+    of its (BLOCK_P, BLOCK_N) slice of the pool row slots[b]."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    rp = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rn = tl.arange(0, BLOCK_N)
+    s_off = (tl.load(slots_ptr + b) * n_heads + h) * P * N + rp[:, None] * N + rn[None, :]
+    return b, h, h // heads_per_group, rp, rn, s_off, (rp[:, None] < P) & (rn[None, :] < N)
+
+
+@triton.jit
 def _step_scan_kernel(
     xbc_ptr,
     dt_ptr,
@@ -213,16 +225,9 @@ def _step_scan_kernel(
     BLOCK_L: tl.constexpr,
 ):
     """Program (b, h, i): rows i BLOCK_P ... of head h's state of stream b over L frames; y pre-norm into y_ptr."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    slot = tl.load(slots_ptr + b)
-    grp = h // heads_per_group
-    rp = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rn = tl.arange(0, BLOCK_N)
+    b, h, grp, rp, rn, s_off, s_mask = _state_slice(slots_ptr, n_heads, heads_per_group, P, N, BLOCK_P, BLOCK_N)
     tt = tl.arange(0, BLOCK_L)
     mp, mn = rp < P, rn < N
-    s_off = (slot * n_heads + h) * P * N + rp[:, None] * N + rn[None, :]
-    s_mask = mp[:, None] & mn[None, :]
     S = tl.load(state_ptr + s_off, mask=s_mask, other=0.0)
     A = -tl.exp(tl.load(A_log_ptr + h).to(tl.float32))
     Dh = tl.load(D_ptr + h).to(tl.float32)
@@ -265,20 +270,13 @@ def _step_ssd_kernel(
 ):
     """Program (b, h, i): what `_step_scan_kernel`'s does, with the L frames as one chunk of `_fwd_chunk` (tl.dots on
     tensor cores; frames padded to BLOCK_L >= 16 with dt = 0, which leaves the state as it is)."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    slot = tl.load(slots_ptr + b)
-    grp = h // heads_per_group
-    rp = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rn = tl.arange(0, BLOCK_N)
+    b, h, grp, rp, rn, s_off, s_mask = _state_slice(slots_ptr, n_heads, heads_per_group, P, N, BLOCK_P, BLOCK_N)
     t = tl.arange(0, BLOCK_L)
     frames = xbc_ptr + b * L * conv_dim
     x = _load_rows(frames + h * P, t, L, conv_dim, rp, P)
     Bt = _load_rows(frames + d_inner + grp * N, t, L, conv_dim, rn, N)
     Ct = _load_rows(frames + d_inner + (n_groups + grp) * N, t, L, conv_dim, rn, N)
     dt = tl.load(dt_ptr + (b * L + t) * n_heads + h, mask=t < L, other=0.0)
-    s_off = (slot * n_heads + h) * P * N + rp[:, None] * N + rn[None, :]
-    s_mask = (rp[:, None] < P) & (rn[None, :] < N)
     S = tl.load(state_ptr + s_off, mask=s_mask, other=0.0)
     A = -tl.exp(tl.load(A_log_ptr + h).to(tl.float32))
     y, S = _fwd_chunk(x, dt, A, Bt, Ct, S, BLOCK_L, PRECISION)
