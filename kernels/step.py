@@ -268,8 +268,8 @@ def _step_ssd_kernel(
     BLOCK_L: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Program (b, h, i): what `_step_scan_kernel`'s does, with the L frames as one chunk of `_fwd_chunk` (tl.dots on
-    tensor cores; frames padded to BLOCK_L >= 16 with dt = 0, which leaves the state as it is)."""
+    """Program (b, h, i): what `_step_scan_kernel`'s program does, with the L frames as one chunk of `_fwd_chunk`
+    (tl.dots on tensor cores; frames padded to BLOCK_L >= 16 with dt = 0, which leaves the state as it is)."""
     b, h, grp, rp, rn, s_off, s_mask = _state_slice(slots_ptr, n_heads, heads_per_group, P, N, BLOCK_P, BLOCK_N)
     t = tl.arange(0, BLOCK_L)
     frames = xbc_ptr + b * L * conv_dim
