@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from step_warps import median_us  # bench/step_warps.py, beside this script
 
 import kernels.step
 from asr.model import ASRModel, ModelDimensions
-from bench.step_warps import median_us
 
 
 def main() -> None:

@@ -106,6 +106,17 @@ def _check_step(seed, s: Shapes, b: int, l: int, dtype, tol: float, device="cpu"
     assert torch.equal(ssm_k[others], ssm[others]), f"seed {seed}: ssm state rows outside slots changed"
 
 
+class _Counting:
+    """A kernel that records the grid of each launch."""
+
+    def __init__(self, kernel, grids: list) -> None:
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("n_groups", [1, 2])
 @pytest.mark.parametrize(("b", "l"), [(1, 1), (3, 3), (3, 16)])
 def test_matches_ref(n_groups: int, b: int, l: int) -> None:
@@ -128,17 +139,6 @@ def test_chunked_form(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, l: in
     monkeypatch.setattr(kernels.step, "_step_ssd_kernel", _Counting(ssd, launched))
     _check_step(secrets.randbits(32), Shapes(heads=2, head_dim=64, n_groups=2), 3, l, dtype, 2e-2)
     assert launched == [(3, 2, 64 // rows)], launched
-
-
-class _Counting:
-    """A kernel that records the grid of each launch."""
-
-    def __init__(self, kernel, grids: list) -> None:
-        self.kernel, self.grids = kernel, grids
-
-    def __getitem__(self, grid):
-        self.grids.append(grid)
-        return self.kernel[grid]
 
 
 def test_chunked_form_odd_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -280,12 +280,15 @@ def test_bad_arguments(name: str, mutate, message: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b", [1, 64])
 @pytest.mark.parametrize("l", [1, 4, 8, 16])
-def test_gpu_model_shapes(dtype: torch.dtype, b: int, l: int) -> None:
+def test_gpu_model_shapes(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, b: int, l: int) -> None:
     """The default model's sizes (d_inner 512, H 8, P 64, N 64, g 1) on a pool of 96 slots, compiled; bf16 from
     `_SSD_MIN_FRAMES` frames through the chunked form (TF32 dots)."""
+    launched = []
+    monkeypatch.setattr(kernels.step, "_step_ssd_kernel", _Counting(kernels.step._step_ssd_kernel, launched))
     s = Shapes(heads=8, head_dim=64, d_state=64, n_groups=1)
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
     _check_step(secrets.randbits(32), s, b, l, dtype, tol, device="cuda", pool=96)
+    assert bool(launched) == (dtype == torch.bfloat16 and l >= kernels.step._SSD_MIN_FRAMES), launched
 
 
 def compile_for_hopper(frames: int) -> None:
