@@ -57,9 +57,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.frontend import _sm_count
 from kernels.norm import add_rms_norm_ref
-from kernels.step import _interpreting, check_slots, step_ref
+from kernels.step import _interpreting, _sm_count, check_slots, step_ref
 
 __all__ = ["EncoderWeights", "encoder_step", "encoder_step_ref", "max_streams", "stacked_pool", "MAX_ROWS"]
 

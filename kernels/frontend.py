@@ -59,7 +59,6 @@ bf16, held in the CUDA graphs' shared memory pool.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -69,7 +68,7 @@ import triton
 import triton.language as tl
 
 from asr.ssm import causal_time_pad, halved
-from kernels.step import check_slots
+from kernels.step import _sm_count, check_slots
 
 __all__ = ["frontend_step", "frontend_step_ref", "MAX_FRAMES"]
 
@@ -327,20 +326,6 @@ def _check_types(feats, conv1_cache, conv2_cache, slots, cmvn_mean, cmvn_istd, w
             raise ValueError(f"all tensors must be on one device: feats is on {feats.device}, {name} on {t.device}")
     if feats.device.type != "cuda" and not _interpreting():
         raise ValueError(f"frontend_step needs CUDA tensors (or TRITON_INTERPRET=1), got {feats.device}")
-
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (sizes the grids); 1 elsewhere (the interpreter)."""
-    return (
-        _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        if device.type == "cuda"
-        else 1
-    )
 
 
 @dataclass(frozen=True)

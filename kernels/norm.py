@@ -2,7 +2,7 @@
 
 Between two Mamba layers the step does `x = x + mixer(h)` and then the next layer's `h = rms_norm(x)`: in
 PyTorch that is six small kernels (add, cast, square, mean, rsqrt, scale), launched twelve times per step.
-`add_rms_norm` does both in one launch, one program per row:
+`add_rms_norm` does both in one launch, a program per block of rows (2,048 elements):
 
     x_new = x + y   (rounded to x's dtype, as PyTorch's add is)       h = x_new * rsqrt(mean(x_new^2) + eps) * w
 
@@ -23,6 +23,7 @@ from asr.ssm import rms_norm
 __all__ = ["add_rms_norm", "add_rms_norm_ref"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ROW_ELEMENTS = 2048  # rows a program: as many as fill this many elements (8 of the default d_model 256)
 
 
 def add_rms_norm_ref(
@@ -35,21 +36,23 @@ def add_rms_norm_ref(
 
 @triton.jit
 def _add_rms_norm_kernel(
-    x_ptr, y_ptr, w_ptr, x_out_ptr, h_ptr, d, eps, HAS_Y: tl.constexpr, BLOCK_D: tl.constexpr
+    x_ptr, y_ptr, w_ptr, x_out_ptr, h_ptr, rows, d, eps,
+    HAS_Y: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Program r: row r of x (+ y) -> x_out (if HAS_Y) and its RMSNorm h."""
-    row = tl.program_id(0).to(tl.int64) * d
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < d
-    x = tl.load(x_ptr + row + cols, mask=mask, other=0.0)
+    """Program i: rows i BLOCK_R ... of x (+ y) -> x_out (if HAS_Y) and their RMSNorm h."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    mask = (r < rows) & (cols < d)
+    offs = r * d + cols
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if HAS_Y:
-        y = tl.load(y_ptr + row + cols, mask=mask, other=0.0)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)  # PyTorch's add: float32, rounded to the dtype
-        tl.store(x_out_ptr + row + cols, x, mask=mask)
+        tl.store(x_out_ptr + offs, x, mask=mask)
     xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / d + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(h_ptr + row + cols, (xf * rstd * w).to(h_ptr.dtype.element_ty), mask=mask)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / d + eps)
+    w = tl.load(w_ptr + cols, mask=cols < d, other=0.0).to(tl.float32)
+    tl.store(h_ptr + offs, (xf * rstd[:, None] * w).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor) -> None:
@@ -77,8 +80,10 @@ def add_rms_norm(
     h = torch.empty_like(x)
     x_out = torch.empty_like(x) if y is not None else x
     if rows:
-        _add_rms_norm_kernel[(rows,)](
-            x, y if y is not None else x, weight.contiguous(), x_out, h, d, eps,
-            HAS_Y=y is not None, BLOCK_D=triton.next_power_of_2(d), num_warps=4 if d <= 2048 else 8,
+        block_d = triton.next_power_of_2(d)
+        block_r = min(triton.next_power_of_2(rows), max(1, _ROW_ELEMENTS // block_d))
+        _add_rms_norm_kernel[(triton.cdiv(rows, block_r),)](
+            x, y if y is not None else x, weight.contiguous(), x_out, h, rows, d, eps,
+            HAS_Y=y is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4 if block_r * block_d <= 2048 else 8,
         )  # fmt: skip
     return x_out, h

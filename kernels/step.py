@@ -9,8 +9,10 @@ zxbcdt (B, L, d_in_proj) = [z (d_inner) | x (d_inner) | B (g N) | C (g N) | dt (
 in zxbcdt's dtype, ssm_state (S, H, P, N) float32, slots (B,) int64 distinct.
 
 Kernel 1, `_step_conv_kernel`, grid (B, conv_dim / BLOCK_C): the causal depthwise conv + SiLU of one block of
-channels for all L frames, into a scratch xbc (B, L, conv_dim), float32 (or the model dtype for kernel 2's chunked
-form), the K taps from the conv cache row for t + k < K - 1 and from zxbcdt after; then the shift of those
+channels for all L frames as one (L, BLOCK_C) tile, into a scratch xbc (B, L, conv_dim), float32 (or the model dtype
+for kernel 2's chunked form), the K taps from the conv cache row for t + k < K - 1 and from zxbcdt after (vector
+loads along the channels: the wrapper tells the kernel the largest power of two up to 16 dividing zxbcdt's rows
+`ALIGN`); then the shift of those
 channels' cache to the last K - 1 inputs (all reads of the old row come before a barrier, the writes after: for
 L < K - 1 the new row keeps part of the old). Channel blocks are disjoint, so no program reads cache that another
 writes. Block 0 also writes dt = softplus(dt + dt_bias) (B, L, H) float32.
@@ -26,8 +28,10 @@ the frame loop, so the compiler may issue every frame's loads up front; with the
 loads only x, B, C and dt. The shapes are too small for tl.dot (one frame at a time): broadcasts and tl.sum, all
 in float32 (no tf32).
 
-Kernel 2 in the chunked form, `_step_ssd_kernel`, same grid, for half-precision models from `_SSD_MIN_FRAMES` frames:
-the L frames as one chunk of the chunked scan (`kernels/ssd_scan._fwd_chunk`, frames padded to 16 with dt = 0),
+Kernel 2 in the chunked form, `_step_ssd_kernel`, for half-precision models from `_SSD_MIN_FRAMES` frames: the same
+tiles (b, h, i), taken in turn by `_SSD_PROGRAMS_PER_SM` persistent programs an SM, each loading its next tile while it
+computes this one (`tl.range(num_stages=_SSD_STAGES)`: cp.async into shared memory), and for each tile the L frames as
+one chunk of the chunked scan (`kernels/ssd_scan._fwd_chunk`, frames padded to 16 with dt = 0),
 
     y = (mask * C B^T) @ (dt x) + exp(a) (C @ S0^T) + D x       S1 = exp(a_L) S0 + (dt x exp(a_L - a))^T @ B
 
@@ -50,6 +54,8 @@ settings below were chosen by hand on the H200 (bench/step_warps.py, BENCHMARKS.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import torch
@@ -64,7 +70,7 @@ __all__ = ["step", "step_ref", "check_slots", "MAX_FRAMES"]
 
 MAX_FRAMES = 16  # L is a constexpr (the frame loop is unrolled): at most this many frames per call
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CONV_BLOCK, _CONV_WARPS = 128, 4  # conv kernel: channels per program
+_CONV_BLOCK, _CONV_WARPS = 128, 2  # conv kernel: channels per program
 _SCAN_ROWS, _SCAN_WARPS = 16, 2  # scan kernel: state rows per program; the graphed encoder step at batch 1024 x
 # 8 frames took 3,043 us against 3,544 us at 64 rows (one program per head) (bench/step_warps.py, BENCHMARKS.md)
 _NORM_WARPS = 8  # norm kernel: up to (16, d_inner) rows in one program
@@ -72,6 +78,9 @@ _NORM_WARPS = 8  # norm kernel: up to (16, d_inner) rows in one program
 # cores) instead of `_step_scan_kernel`; its state rows per program and warps (bench/step_ssd.py, BENCHMARKS.md)
 _SSD_MIN_FRAMES = 8
 _SSD_ROWS, _SSD_WARPS = 32, 2
+# the chunked kernel is persistent: this many programs an SM (0: a program a tile) take its tiles in turn, each
+# loading its next tile's state, x, B and C while it computes (software pipelining, _SSD_STAGES deep)
+_SSD_PROGRAMS_PER_SM, _SSD_STAGES = 6, 2
 
 
 def step_ref(
@@ -110,20 +119,10 @@ def step_ref(
 
 
 @triton.jit
-def _conv_silu(xbc_ptr, cache_ptr, w_ptr, bias_ptr, ch, mask, row_stride, T: tl.constexpr, K: tl.constexpr):
-    """SiLU(sum_k w[ch, k] in[T + k] + bias[ch]) (len(ch),) float32, for the channels ch at frame T.
-
-    in[j] is column j of the conv cache row (cache_ptr, (conv_dim, K - 1)) for j < K - 1, else frame j - (K - 1)
-    of xbc_ptr (rows of row_stride elements).
-    """
-    acc = tl.load(bias_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-    for k in tl.static_range(K):
-        if T + k < K - 1:
-            v = tl.load(cache_ptr + ch * (K - 1) + (T + k), mask=mask, other=0.0)
-        else:
-            v = tl.load(xbc_ptr + (T + k - (K - 1)) * row_stride + ch, mask=mask, other=0.0)
-        acc += tl.load(w_ptr + ch * K + k, mask=mask, other=0.0).to(tl.float32) * v.to(tl.float32)
-    return acc * tl.sigmoid(acc)
+def _aligned(n, ALIGN: tl.constexpr):
+    """n, known to the compiler as a multiple of ALIGN (the wrapper chose ALIGN to divide it), so that loads along rows
+    n elements apart can be issued as vectors."""
+    return (n // ALIGN) * ALIGN
 
 
 @triton.jit
@@ -152,27 +151,39 @@ def _step_conv_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """Program (b, j): conv + SiLU of channels j BLOCK_C ... into xbc_ptr (B, L, conv_dim), their cache shift;
-    j = 0 also dt (B, L, H)."""
+    j = 0 also dt (B, L, H). The L frames are one (BLOCK_L, BLOCK_C) tile: tap k reads input column t + k of
+    cat(cache row, frames), the K taps' loads all issued before the sums."""
     b = tl.program_id(0)
     j = tl.program_id(1)
     slot = tl.load(slots_ptr + b)
+    d_in_proj = _aligned(d_in_proj, ALIGN)
     ch = j * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = ch < conv_dim
     row = zx_ptr + b * L * d_in_proj
     cache = cache_ptr + slot * conv_dim * (K - 1)
-    for t in tl.static_range(L):
-        v = _conv_silu(row + d_inner, cache, w_ptr, bias_ptr, ch, mask, d_in_proj, t, K)
-        tl.store(xbc_ptr + (b * L + t) * conv_dim + ch, v.to(xbc_ptr.dtype.element_ty), mask=mask)
+    t = tl.arange(0, BLOCK_L)[:, None]
+    c, m = ch[None, :], mask[None, :] & (t < L)
+    bias = tl.load(bias_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32) + bias[None, :]
+    for k in tl.static_range(K):
+        w = tl.load(w_ptr + ch * K + k, mask=mask, other=0.0).to(tl.float32)
+        src = t + k - (K - 1)  # the frame tap k of frame t reads; before frame 0: cache column src + K - 1
+        acc += w[None, :] * tl.load(row + d_inner + src * d_in_proj + c, mask=m & (src >= 0), other=0.0).to(tl.float32)
+        for j in tl.static_range(min(K - 1 - k, L)):  # frame j's tap k: cache column j + k
+            old = tl.load(cache + ch * (K - 1) + j + k, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.where(t == j, w[None, :] * old[None, :], 0.0)
+    tl.store(xbc_ptr + (b * L + t) * conv_dim + c, (acc * tl.sigmoid(acc)).to(xbc_ptr.dtype.element_ty), mask=m)
     _shift_conv_cache(row + d_inner, cache, ch, mask, d_in_proj, L, K, BLOCK_K)
     if j == 0:
         rows = tl.arange(0, BLOCK_L)[:, None]
         hh = tl.arange(0, BLOCK_H)[None, :]
-        m = (rows < L) & (hh < n_heads)
-        dt = tl.load(row + rows * d_in_proj + d_inner + conv_dim + hh, mask=m, other=0.0).to(tl.float32)
+        hm = (rows < L) & (hh < n_heads)
+        dt = tl.load(row + rows * d_in_proj + d_inner + conv_dim + hh, mask=hm, other=0.0).to(tl.float32)
         dt_bias = tl.load(dt_bias_ptr + hh, mask=hh < n_heads, other=0.0).to(tl.float32)
-        tl.store(dt_ptr + (b * L + rows) * n_heads + hh, _softplus(dt + dt_bias), mask=m)
+        tl.store(dt_ptr + (b * L + rows) * n_heads + hh, _softplus(dt + dt_bias), mask=hm)
 
 
 @triton.jit
@@ -192,15 +203,13 @@ def _shift_conv_cache(
 
 
 @triton.jit
-def _state_slice(slots_ptr, n_heads, heads_per_group, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program (b, h, i) of a scan kernel: b, h, its group, its state rows rp and columns rn, and the offsets and mask
-    of its (BLOCK_P, BLOCK_N) slice of the pool row slots[b]."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    rp = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+def _state_slice(slots_ptr, b, h, i, n_heads, heads_per_group, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile (b, h, i) of a scan kernel: head h's group, its state rows rp and columns rn, and the offsets and mask of
+    its (BLOCK_P, BLOCK_N) slice of the pool row slots[b]."""
+    rp = i * BLOCK_P + tl.arange(0, BLOCK_P)
     rn = tl.arange(0, BLOCK_N)
     s_off = (tl.load(slots_ptr + b) * n_heads + h) * P * N + rp[:, None] * N + rn[None, :]
-    return b, h, h // heads_per_group, rp, rn, s_off, (rp[:, None] < P) & (rn[None, :] < N)
+    return h // heads_per_group, rp, rn, s_off, (rp[:, None] < P) & (rn[None, :] < N)
 
 
 @triton.jit
@@ -225,7 +234,8 @@ def _step_scan_kernel(
     BLOCK_L: tl.constexpr,
 ):
     """Program (b, h, i): rows i BLOCK_P ... of head h's state of stream b over L frames; y pre-norm into y_ptr."""
-    b, h, grp, rp, rn, s_off, s_mask = _state_slice(slots_ptr, n_heads, heads_per_group, P, N, BLOCK_P, BLOCK_N)
+    b, h, i = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    grp, rp, rn, s_off, s_mask = _state_slice(slots_ptr, b, h, i, n_heads, heads_per_group, P, N, BLOCK_P, BLOCK_N)
     tt = tl.arange(0, BLOCK_L)
     mp, mn = rp < P, rn < N
     S = tl.load(state_ptr + s_off, mask=s_mask, other=0.0)
@@ -262,27 +272,36 @@ def _step_ssd_kernel(
     n_groups,
     P,
     N,
+    n_tiles,
     L: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
     PRECISION: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """Program (b, h, i): what `_step_scan_kernel`'s program does, with the L frames as one chunk of `_fwd_chunk`
-    (tl.dots on tensor cores; frames padded to BLOCK_L >= 16 with dt = 0, which leaves the state as it is)."""
-    b, h, grp, rp, rn, s_off, s_mask = _state_slice(slots_ptr, n_heads, heads_per_group, P, N, BLOCK_P, BLOCK_N)
+    """Tiles (b, h, i) of `_step_scan_kernel`'s grid, taken in turn (persistent: program j takes tiles j, j + G, ...
+    of n_tiles, G programs; the loads of the next tile issued while this one computes, STAGES deep), each with the L
+    frames as one chunk of `_fwd_chunk` (tl.dots on tensor cores; frames padded to BLOCK_L >= 16 with dt = 0, which
+    leaves the state as it is)."""
+    n_p = tl.cdiv(P, BLOCK_P)
     t = tl.arange(0, BLOCK_L)
-    frames = xbc_ptr + b * L * conv_dim
-    x = _load_rows(frames + h * P, t, L, conv_dim, rp, P)
-    Bt = _load_rows(frames + d_inner + grp * N, t, L, conv_dim, rn, N)
-    Ct = _load_rows(frames + d_inner + (n_groups + grp) * N, t, L, conv_dim, rn, N)
-    dt = tl.load(dt_ptr + (b * L + t) * n_heads + h, mask=t < L, other=0.0)
-    S = tl.load(state_ptr + s_off, mask=s_mask, other=0.0)
-    A = -tl.exp(tl.load(A_log_ptr + h).to(tl.float32))
-    y, S = _fwd_chunk(x, dt, A, Bt, Ct, S, BLOCK_L, PRECISION)
-    y += tl.load(D_ptr + h).to(tl.float32) * x
-    tl.store(y_ptr + (b * L + t[:, None]) * d_inner + h * P + rp[None, :], y, mask=(t[:, None] < L) & (rp[None, :] < P))
-    tl.store(state_ptr + s_off, S, mask=s_mask)
+    for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
+        b, h, i = tile // (n_heads * n_p), tile // n_p % n_heads, tile % n_p
+        grp, rp, rn, s_off, s_mask = _state_slice(slots_ptr, b, h, i, n_heads, heads_per_group, P, N, BLOCK_P,
+                                                  BLOCK_N)  # fmt: skip
+        frames = xbc_ptr + b * L * conv_dim
+        x = _load_rows(frames + h * P, t, L, conv_dim, rp, P)
+        Bt = _load_rows(frames + d_inner + grp * N, t, L, conv_dim, rn, N)
+        Ct = _load_rows(frames + d_inner + (n_groups + grp) * N, t, L, conv_dim, rn, N)
+        dt = tl.load(dt_ptr + (b * L + t) * n_heads + h, mask=t < L, other=0.0)
+        S = tl.load(state_ptr + s_off, mask=s_mask, other=0.0)
+        A = -tl.exp(tl.load(A_log_ptr + h).to(tl.float32))
+        y, S = _fwd_chunk(x, dt, A, Bt, Ct, S, BLOCK_L, PRECISION)
+        y += tl.load(D_ptr + h).to(tl.float32) * x
+        y_mask = (t[:, None] < L) & (rp[None, :] < P)
+        tl.store(y_ptr + (b * L + t[:, None]) * d_inner + h * P + rp[None, :], y, mask=y_mask)
+        tl.store(state_ptr + s_off, S, mask=s_mask)
 
 
 @triton.jit
@@ -297,9 +316,11 @@ def _step_norm_kernel(
     L: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """Program b: out[b] = rmsnorm(y[b] * silu(z[b])) * norm_w over d_inner (L rows)."""
     b = tl.program_id(0)
+    d_in_proj = _aligned(d_in_proj, ALIGN)
     t = tl.arange(0, BLOCK_L)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (t < L) & (d < d_inner)
@@ -313,6 +334,20 @@ def _step_norm_kernel(
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (sizes the grids); 1 elsewhere (the interpreter)."""
+    return (
+        _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        if device.type == "cuda"
+        else 1
+    )
 
 
 def _check(
@@ -435,17 +470,21 @@ def step(
     y = torch.empty(b, l, d_inner, **f32)
     out = torch.empty(b, l, d_inner, device=zxbcdt.device, dtype=zxbcdt.dtype)
     block_l = triton.next_power_of_2(l)
+    align = math.gcd(d_in_proj, 16)  # zxbcdt's rows start at multiples of this: vector loads along them
     _step_conv_kernel[(b, triton.cdiv(conv_dim, _CONV_BLOCK))](
         zxbcdt, conv_cache, slots, conv_weight, conv_bias, dt_bias, xbc, dt, d_in_proj, d_inner, conv_dim, h,
         L=l, K=k, BLOCK_C=_CONV_BLOCK, BLOCK_K=triton.next_power_of_2(k - 1), BLOCK_L=block_l,
-        BLOCK_H=triton.next_power_of_2(h), num_warps=_CONV_WARPS,
+        BLOCK_H=triton.next_power_of_2(h), ALIGN=align, num_warps=_CONV_WARPS,
     )  # fmt: skip
     scan_args = (xbc, dt, ssm_state, slots, A_log, D, y, d_inner, conv_dim, h, h // n_groups, n_groups, head_dim, n)
     if ssd:
         block_p = min(_SSD_ROWS, max(16, triton.next_power_of_2(head_dim)))  # tl.dot: at least 16
-        _step_ssd_kernel[(b, h, triton.cdiv(head_dim, block_p))](
-            *scan_args, L=l, BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_L=max(16, block_l),
-            PRECISION="ieee" if _interpreting() else "tf32", num_warps=_SSD_WARPS,
+        n_tiles = b * h * triton.cdiv(head_dim, block_p)
+        programs = min(n_tiles, _SSD_PROGRAMS_PER_SM * _sm_count(zxbcdt.device)) if _SSD_PROGRAMS_PER_SM else n_tiles
+        _step_ssd_kernel[(programs,)](
+            *scan_args, n_tiles, L=l, BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(n)),
+            BLOCK_L=max(16, block_l), PRECISION="ieee" if _interpreting() else "tf32", STAGES=_SSD_STAGES,
+            num_warps=_SSD_WARPS,
         )  # fmt: skip
     else:
         block_p = min(_SCAN_ROWS, triton.next_power_of_2(head_dim))
@@ -455,6 +494,6 @@ def step(
         )  # fmt: skip
     _step_norm_kernel[(b,)](
         y, zxbcdt, norm_weight, out, d_in_proj, d_inner, eps,
-        L=l, BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d_inner), num_warps=_NORM_WARPS,
+        L=l, BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d_inner), ALIGN=align, num_warps=_NORM_WARPS,
     )  # fmt: skip
     return out

@@ -18,7 +18,7 @@ def _inputs(seed: int, shape: tuple[int, ...], dtype: torch.dtype, device: str =
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(3, 2, 32), (5, 48), (1, 1, 256)])
+@pytest.mark.parametrize("shape", [(3, 2, 32), (5, 48), (1, 1, 256), (130, 32)])  # (130, 32): 3 programs
 @pytest.mark.parametrize("with_y", [True, False])
 def test_matches_ref(dtype: torch.dtype, shape: tuple[int, ...], with_y: bool) -> None:
     seed = secrets.randbits(32)

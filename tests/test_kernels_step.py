@@ -129,16 +129,22 @@ def test_matches_ref_bf16(l: int) -> None:
     _check_step(secrets.randbits(32), Shapes(n_groups=2), 3, l, torch.bfloat16, 2e-2)
 
 
-@pytest.mark.parametrize(("dtype", "l", "rows"), [(torch.bfloat16, 16, 32), (torch.float16, 8, 16)])
-def test_chunked_form(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, l: int, rows: int) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "l", "rows", "programs"),
+    [(torch.bfloat16, 16, 32, 5), (torch.float16, 8, 16, 1), (torch.bfloat16, 9, 32, 0), (torch.bfloat16, 8, 64, 64)],
+)
+def test_chunked_form(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, l: int, rows: int, programs: int) -> None:
     """A half-precision step of `_SSD_MIN_FRAMES` frames or more takes `_step_ssd_kernel` (the SSM as one chunk of
-    tl.dots; "ieee" dots in the interpreter), head_dim 64 split over 64 / rows programs."""
+    tl.dots; "ieee" dots in the interpreter), head_dim 64 split into 64 / rows tiles a head; `programs` persistent
+    programs (an SM in the interpreter) take the 3 streams x 2 heads x 64 / rows tiles in turn, or (0) one each."""
     monkeypatch.setattr(kernels.step, "_SSD_ROWS", rows)
+    monkeypatch.setattr(kernels.step, "_SSD_PROGRAMS_PER_SM", programs)
     launched = []
     ssd = kernels.step._step_ssd_kernel
     monkeypatch.setattr(kernels.step, "_step_ssd_kernel", _Counting(ssd, launched))
     _check_step(secrets.randbits(32), Shapes(heads=2, head_dim=64, n_groups=2), 3, l, dtype, 2e-2)
-    assert launched == [(3, 2, 64 // rows)], launched
+    tiles = 3 * 2 * 64 // rows
+    assert launched == [(min(tiles, programs or tiles),)], launched
 
 
 def test_chunked_form_odd_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,7 +156,7 @@ def test_chunked_form_odd_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     for l in (1, 2, 3, 5):
         _check_step(secrets.randbits(32), Shapes(heads=3, head_dim=12, d_state=10, n_groups=3, d_conv=3), 2, l,
                     torch.bfloat16, 2e-2)  # fmt: skip
-    assert launched == [(2, 3, 1)] * 4, launched
+    assert launched == [(min(6, kernels.step._SSD_PROGRAMS_PER_SM),)] * 4, launched  # 2 streams x 3 heads
 
 
 def test_odd_sizes() -> None:
@@ -294,10 +300,16 @@ def test_gpu_model_shapes(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, b
 def compile_for_hopper(frames: int) -> None:
     """Compile each step kernel for sm_90 at the default model's shapes (run with TRITON_INTERPRET=0)."""
     consts = {
-        kernels.step._step_conv_kernel: (dict(L=frames, K=4, BLOCK_C=128, BLOCK_K=4, BLOCK_L=frames, BLOCK_H=8), 4),
+        kernels.step._step_conv_kernel: (
+            dict(L=frames, K=4, BLOCK_C=128, BLOCK_K=4, BLOCK_L=frames, BLOCK_H=8, ALIGN=8),
+            4,
+        ),
         kernels.step._step_scan_kernel: (dict(L=frames, BLOCK_P=16, BLOCK_N=64, BLOCK_L=frames), 2),
-        kernels.step._step_ssd_kernel: (dict(L=frames, BLOCK_P=32, BLOCK_N=64, BLOCK_L=16, PRECISION="tf32"), 2),
-        kernels.step._step_norm_kernel: (dict(L=frames, BLOCK_L=frames, BLOCK_D=512), 8),
+        kernels.step._step_ssd_kernel: (
+            dict(L=frames, BLOCK_P=32, BLOCK_N=64, BLOCK_L=16, PRECISION="tf32", STAGES=2),
+            2,
+        ),
+        kernels.step._step_norm_kernel: (dict(L=frames, BLOCK_L=frames, BLOCK_D=512, ALIGN=8), 8),
     }
     bf16 = {"zx_ptr", "cache_ptr", "w_ptr", "bias_ptr", "norm_w_ptr", "out_ptr"}
     for kernel, (constexprs, warps) in consts.items():
