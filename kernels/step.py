@@ -77,10 +77,10 @@ _NORM_WARPS = 8  # norm kernel: up to (16, d_inner) rows in one program
 # From this many frames a half-precision step takes `_step_ssd_kernel` (the chunked form, TF32 tl.dots on tensor
 # cores) instead of `_step_scan_kernel`; its state rows per program and warps (bench/step_ssd.py, BENCHMARKS.md)
 _SSD_MIN_FRAMES = 8
-_SSD_ROWS, _SSD_WARPS = 32, 2
+_SSD_ROWS, _SSD_WARPS = 16, 1
 # the chunked kernel is persistent: this many programs an SM (0: a program a tile) take its tiles in turn, each
 # loading its next tile's state, x, B and C while it computes (software pipelining, _SSD_STAGES deep)
-_SSD_PROGRAMS_PER_SM, _SSD_STAGES = 6, 2
+_SSD_PROGRAMS_PER_SM, _SSD_STAGES = 24, 2
 
 
 def step_ref(

@@ -299,17 +299,14 @@ def test_gpu_model_shapes(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, b
 
 def compile_for_hopper(frames: int) -> None:
     """Compile each step kernel for sm_90 at the default model's shapes (run with TRITON_INTERPRET=0)."""
+    ks = kernels.step
+    conv = dict(L=frames, K=4, BLOCK_C=ks._CONV_BLOCK, BLOCK_K=4, BLOCK_L=frames, BLOCK_H=8, ALIGN=8)
+    ssd = dict(L=frames, BLOCK_P=ks._SSD_ROWS, BLOCK_N=64, BLOCK_L=16, PRECISION="tf32", STAGES=ks._SSD_STAGES)
     consts = {
-        kernels.step._step_conv_kernel: (
-            dict(L=frames, K=4, BLOCK_C=128, BLOCK_K=4, BLOCK_L=frames, BLOCK_H=8, ALIGN=8),
-            4,
-        ),
-        kernels.step._step_scan_kernel: (dict(L=frames, BLOCK_P=16, BLOCK_N=64, BLOCK_L=frames), 2),
-        kernels.step._step_ssd_kernel: (
-            dict(L=frames, BLOCK_P=32, BLOCK_N=64, BLOCK_L=16, PRECISION="tf32", STAGES=2),
-            2,
-        ),
-        kernels.step._step_norm_kernel: (dict(L=frames, BLOCK_L=frames, BLOCK_D=512, ALIGN=8), 8),
+        ks._step_conv_kernel: (conv, ks._CONV_WARPS),
+        ks._step_scan_kernel: (dict(L=frames, BLOCK_P=ks._SCAN_ROWS, BLOCK_N=64, BLOCK_L=frames), ks._SCAN_WARPS),
+        ks._step_ssd_kernel: (ssd, ks._SSD_WARPS),
+        ks._step_norm_kernel: (dict(L=frames, BLOCK_L=frames, BLOCK_D=512, ALIGN=8), ks._NORM_WARPS),
     }
     bf16 = {"zx_ptr", "cache_ptr", "w_ptr", "bias_ptr", "norm_w_ptr", "out_ptr"}
     for kernel, (constexprs, warps) in consts.items():
