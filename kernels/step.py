@@ -37,9 +37,9 @@ one chunk of the chunked scan (`kernels/ssd_scan._fwd_chunk`, frames padded to 1
 
 as four tl.dots on tensor cores with TF32 inputs and float32 sums (the offline forward's Triton scan rounds the
 same way); the state is still read and written once, in float32. At 1,024 streams of 16 frames the graphed encoder
-step took 3,555 us against 4,717 frame by frame; from 4 frames down the per-frame kernel is faster (its cost grows
-with the frames, this one's barely) (bench/step_ssd.py, BENCHMARKS.md). Float32 models keep the per-frame kernel:
-their sums are float32 throughout, never TF32.
+step took 3,555 us against 4,717 frame by frame (3,124 us once persistent and pipelined); from 4 frames down the
+per-frame kernel is faster (its cost grows with the frames, this one's barely) (bench/step_ssd.py, BENCHMARKS.md).
+Float32 models keep the per-frame kernel: their sums are float32 throughout, never TF32.
 
 Kernel 3, `_step_norm_kernel`, grid (B,): the gated RMSNorm over the whole d_inner of the stream's L rows,
 out = rmsnorm(y * silu(z)) * norm_weight, in zxbcdt's dtype.
@@ -70,16 +70,17 @@ __all__ = ["step", "step_ref", "check_slots", "MAX_FRAMES"]
 
 MAX_FRAMES = 16  # L is a constexpr (the frame loop is unrolled): at most this many frames per call
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CONV_BLOCK, _CONV_WARPS = 128, 2  # conv kernel: channels per program
+_CONV_BLOCK, _CONV_WARPS = 128, 2  # conv kernel: channels per program (BENCHMARKS.md, sessions 12 and 13)
 _SCAN_ROWS, _SCAN_WARPS = 16, 2  # scan kernel: state rows per program; the graphed encoder step at batch 1024 x
 # 8 frames took 3,043 us against 3,544 us at 64 rows (one program per head) (bench/step_warps.py, BENCHMARKS.md)
 _NORM_WARPS = 8  # norm kernel: up to (16, d_inner) rows in one program
 # From this many frames a half-precision step takes `_step_ssd_kernel` (the chunked form, TF32 tl.dots on tensor
-# cores) instead of `_step_scan_kernel`; its state rows per program and warps (bench/step_ssd.py, BENCHMARKS.md)
+# cores) instead of `_step_scan_kernel`; its state rows a tile and warps (bench/step_ssd.py, BENCHMARKS.md)
 _SSD_MIN_FRAMES = 8
 _SSD_ROWS, _SSD_WARPS = 16, 1
 # the chunked kernel is persistent: this many programs an SM (0: a program a tile) take its tiles in turn, each
-# loading its next tile's state, x, B and C while it computes (software pipelining, _SSD_STAGES deep)
+# loading its next tile's state, x, B and C while it computes (software pipelining, _SSD_STAGES deep); 24 an SM
+# (about 11 resident) measured best from 256 streams x 16 frames up (bench/step_ssd.py, BENCHMARKS.md session 13)
 _SSD_PROGRAMS_PER_SM, _SSD_STAGES = 24, 2
 
 
