@@ -297,6 +297,22 @@ def test_gpu_model_shapes(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, b
     assert bool(launched) == (dtype == torch.bfloat16 and l >= kernels.step._SSD_MIN_FRAMES), launched
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("programs", [1, None], ids=["1-an-SM", "default"])
+def test_gpu_persistent_chunked_form(monkeypatch: pytest.MonkeyPatch, programs: int | None) -> None:
+    """bf16 at 16 frames with more tiles than programs (512 streams: 16,384 tiles of 16 rows), so that each persistent
+    program takes several tiles in turn with its next tile's loads pipelined, as at 1,024 streams; the GPU tests
+    above launch fewer tiles than programs. 1 program an SM (about 124 tiles each) and the default."""
+    if programs is not None:
+        monkeypatch.setattr(kernels.step, "_SSD_PROGRAMS_PER_SM", programs)
+    launched = []
+    monkeypatch.setattr(kernels.step, "_step_ssd_kernel", _Counting(kernels.step._step_ssd_kernel, launched))
+    s = Shapes(heads=8, head_dim=64, d_state=64, n_groups=1)
+    _check_step(secrets.randbits(32), s, 512, 16, torch.bfloat16, 1e-2, device="cuda", pool=600)
+    tiles = 512 * 8 * 64 // kernels.step._SSD_ROWS
+    assert len(launched) == 1 and launched[0][0] < tiles, (launched, tiles)
+
+
 def compile_for_hopper(frames: int) -> None:
     """Compile each step kernel for sm_90 at the default model's shapes (run with TRITON_INTERPRET=0)."""
     ks = kernels.step
