@@ -59,7 +59,6 @@ bf16, held in the CUDA graphs' shared memory pool.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +67,7 @@ import triton
 import triton.language as tl
 
 from asr.ssm import causal_time_pad, halved
-from kernels.step import _sm_count, check_slots
+from kernels.step import _interpreting, _sm_count, check_slots
 
 __all__ = ["frontend_step", "frontend_step_ref", "MAX_FRAMES"]
 
@@ -269,10 +268,6 @@ def _linear_kernel(x_ptr, wo_ptr, bo_ptr, out_ptr, feats_ptr, h2_ptr, cache1_ptr
     else:
         _write_caches((i - n_tiles).to(tl.int64), feats_ptr, h2_ptr, cache1_ptr, cache2_ptr, slots_ptr, mean_ptr,
                       istd_ptr, M, M1, C, n_co, n_q, FT, L, BLOCK_MEL, BLOCK_C, BLOCK_F, PW)  # fmt: skip
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check_shapes(feats, conv1_cache, conv2_cache, slots, cmvn_mean, cmvn_istd, weights) -> tuple[int, ...]:

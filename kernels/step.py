@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +63,7 @@ import triton
 import triton.language as tl
 
 from asr.ssm import causal_conv1d, gated_rms_norm, ssm_scan_ref
-from kernels.ssd_scan import _fwd_chunk, _load_rows
+from kernels.ssd_scan import _fwd_chunk, _interpreting, _load_rows
 
 __all__ = ["step", "step_ref", "check_slots", "MAX_FRAMES"]
 
@@ -331,10 +330,6 @@ def _step_norm_kernel(
     rstd = tl.rsqrt(tl.sum(gated * gated, axis=1) / d_inner + eps)
     w = tl.load(norm_w_ptr + d, mask=d < d_inner, other=0.0).to(tl.float32)
     tl.store(out_ptr + (b * L + t) * d_inner + d, gated * rstd[:, None] * w, mask=mask)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
