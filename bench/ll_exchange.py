@@ -10,13 +10,16 @@ the sum over all programs, by one of two mechanisms:
     loads) until every flag is this round's, then summing them.
 Each program checks its sums (a wrong sum fails the run). The time a round is the GPU time of `--calls` launches
 (CUDA events) over calls x rounds, after as many untimed launches; it includes a share of each launch's start and
-of two memsets (the barrier's). A round here holds no other work, so it is the exchange's own latency.
+of two memsets (the barrier's accumulators and counters, zeroed before every launch in both modes, so that both
+carry the same overhead). A round here holds no other work, so it is the exchange's own latency.
 
     python3 bench/ll_exchange.py [--programs 8 16 32] [--widths 16 256] [--warps 4]
 
 The poll loop's condition must be the same in every thread of a program (threads that leave it at different
 times deadlock at the next CTA barrier), so the polled tiles must not be replicated across threads: the script
-takes at most one warp for each 128 elements of the (NP, W) tile (up to 4 a thread), in both mechanisms.
+takes at most one warp for each 128 elements of the (NP, W) tile (up to 4 a thread), in both mechanisms. Below
+128 elements one warp remains, which may still hold copies within the warp: the smallest rows of the table rest on
+the sums' check passing, not on this rule.
 """
 
 from __future__ import annotations
