@@ -30,6 +30,7 @@ from asr.features import CMVN, N_MELS, SUBSAMPLING
 from asr.ssm import causal_conv1d, causal_time_pad, gated_rms_norm, halved, rms_norm, ssd_scan
 from asr.text import VOCAB
 from kernels import encoder_step as triton_encoder
+from kernels import frame_step as triton_frame
 from kernels import frontend as triton_frontend
 from kernels import ssd_scan as triton_scan
 from kernels import step as triton_step
@@ -431,8 +432,9 @@ class ASRModel(nn.Module):
         verifies (a device sync; it is skipped while a CUDA graph is being captured). `impl` defaults to
         `Impl.pick`; `Impl.TORCH` is the pure-PyTorch reference on any device. Under `Impl.STEP` each residual
         add is fused into the next RMSNorm (`kernels/norm.py`); with `weights` (this model's `encoder_weights()`)
-        and B <= `encoder_step.max_streams` (4 on an H200), the layers and the head run as one launch per
-        MAX_ROWS // B frames instead, after the Triton front end (`kernels/encoder_step.py`, for few streams).
+        and B <= `encoder_step.max_streams` (4 on an H200), the layers and the head run as one launch instead,
+        after the Triton front end: a one-frame chunk as matrix-vector products (`kernels/frame_step.py`), longer
+        chunks MAX_ROWS // B frames a launch (`kernels/encoder_step.py`).
         """
         if feats.shape[1] % SUBSAMPLING:
             raise ValueError(f"chunk() needs a multiple of {SUBSAMPLING} feature frames, got {feats.shape[1]}")
@@ -476,9 +478,13 @@ class ASRModel(nn.Module):
 
     @staticmethod
     def _step_encoder(x: torch.Tensor, state: EncoderState, rows: torch.Tensor, w: EncoderWeights) -> torch.Tensor:
-        """x (B, L, d_model) -> logits (B, L, V) by the one-launch step, MAX_ROWS // B frames a launch."""
+        """x (B, L, d_model) -> logits (B, L, V) in one launch: for one frame by the matrix-vector form
+        (`kernels/frame_step.py`, float32 and bfloat16), else by `kernels/encoder_step.py`, MAX_ROWS // B frames a
+        launch."""
         conv = triton_encoder.stacked_pool([layer.conv for layer in state.layers])
         ssm = triton_encoder.stacked_pool([layer.ssm for layer in state.layers])
+        if triton_frame.takes(x, w):
+            return triton_frame.frame_step(x, w, conv, ssm, rows, check=False)
 
         def piece(xs: torch.Tensor) -> torch.Tensor:
             return triton_encoder.encoder_step(xs, w, conv, ssm, rows, check=False)

@@ -50,7 +50,7 @@ padding: they race only on that slot). No autotuning: the launch writes the pool
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,10 @@ class EncoderWeights:
     n_groups: int
     head_dim: int
     eps: float  # of every RMSNorm
+    out_proj_t: torch.Tensor = field(init=False)  # (NL, DI, D) out_proj transposed: `kernels/frame_step.py` reads rows
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_proj_t", self.out_proj.transpose(1, 2).contiguous())
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.norm, self.in_proj, self.conv_weight, self.conv_bias, self.dt_bias, self.A_log, self.D,

@@ -61,7 +61,7 @@ def _pools(model: ASRModel, seed: int, device: str, pool: int = POOL, copies: in
 
 
 def _float32(w: EncoderWeights) -> EncoderWeights:
-    tensors = {f.name: getattr(w, f.name) for f in fields(w)}
+    tensors = {f.name: getattr(w, f.name) for f in fields(w) if f.init}
     return replace(w, **{name: t.float() for name, t in tensors.items() if isinstance(t, torch.Tensor)})
 
 

@@ -8,6 +8,7 @@ import torch
 
 import asr.model
 import kernels.encoder_step
+import kernels.frame_step
 from asr import DEFAULT_MODEL_DIR
 from asr.checkpoint import load_model
 from asr.features import CMVN, N_MELS
@@ -188,9 +189,10 @@ def test_bundled_model_streams_as_offline(streams: int, monkeypatch: pytest.Monk
     """The bundled model (16 blocks, int8 storage) as the server runs it on CUDA: the graphed stepper fed random
     chunk sizes gives the offline log-probs, through the one-launch step (1 stream) and the per-layer step (8);
     which one ran is counted (the graphs call the step when they are captured)."""
-    launches = []
-    one_launch = kernels.encoder_step.encoder_step
+    launches, frames_one = [], []
+    one_launch, frame_step = kernels.encoder_step.encoder_step, kernels.frame_step.frame_step
     monkeypatch.setattr(kernels.encoder_step, "encoder_step", lambda *a, **k: launches.append(1) or one_launch(*a, **k))
+    monkeypatch.setattr(kernels.frame_step, "frame_step", lambda *a, **k: frames_one.append(1) or frame_step(*a, **k))
     model, _ = load_model(DEFAULT_MODEL_DIR, device="cuda")
     stepper = EncoderStepper(model, capacity=streams, device="cuda")
     frames = 300
@@ -203,3 +205,4 @@ def test_bundled_model_streams_as_offline(streams: int, monkeypatch: pytest.Monk
     offline = model(feats).float().log_softmax(-1)
     assert _rel(torch.cat(out, dim=1), offline) < 2e-3
     assert bool(launches) == (streams == 1), f"{len(launches)} one-launch calls for {streams} streams"
+    assert bool(frames_one) == (streams == 1), f"{len(frames_one)} one-frame launches for {streams} streams"
