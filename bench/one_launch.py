@@ -1,8 +1,9 @@
-"""GPU time of the encoder's layers and head for few streams: the one-launch step (`kernels/encoder_step.py`) against
-the per-layer fused step (`kernels/step.py` + `kernels/norm.py` + cuBLAS), each captured in a CUDA graph of
-`--calls` consecutive calls and timed by CUDA events over `--replays` replays (us a call: no host time). Then the
-whole `EncoderStepper` step (front end, layers, head, log-softmax; graphed), by the path the stepper takes and by
-the per-layer path, each as GPU time between CUDA events around the call and as wall time.
+"""GPU time of the encoder's layers and head for few streams: the one-launch step as `ASRModel` takes it (for one
+frame the matrix-vector form, `kernels/frame_step.py`; else the tl.dot form, `kernels/encoder_step.py`), the tl.dot
+form itself, and the per-layer fused step (`kernels/step.py` + `kernels/norm.py` + cuBLAS), each captured in a CUDA
+graph of `--calls` consecutive calls and timed by CUDA events over `--replays` replays (us a call: no host time).
+Then the whole `EncoderStepper` step (front end, layers, head, log-softmax; graphed), by the path the stepper takes
+and by the per-layer path, each as GPU time between CUDA events around the call and as wall time.
 
     source scripts/device_env.sh && python3 bench/one_launch.py [--rows 1x1 1x4 4x1 16x1] [--block-p 16 32]
 
@@ -47,16 +48,20 @@ def graphed_us(fn: Callable[[], object], calls: int, replays: int) -> float:
     return statistics.median(times)
 
 
-def layer_paths(model: ASRModel, b: int, l: int, args: argparse.Namespace) -> tuple[float, float]:
-    """(one-launch us, per-layer us) for x (b, l, d_model) -> logits."""
+def layer_paths(model: ASRModel, b: int, l: int, args: argparse.Namespace) -> tuple[float, float, float]:
+    """(one-launch us as the stepper takes it, the tl.dot form's us, per-layer us) for x (b, l, d_model) -> logits.
+    For one frame the stepper takes the matrix-vector form (`kernels/frame_step.py`), else the tl.dot form."""
     d = model.dims
     state = model.init_state(64, "cuda")
     rows = torch.arange(b, device="cuda") * 3
     x = torch.randn(b, l, d.d_model, device="cuda", dtype=model.head.weight.dtype)
     w = model.encoder_weights()
     one = graphed_us(lambda: model._step_encoder(x, state, rows, w), args.calls, args.replays)
+    conv = encoder_step.stacked_pool([layer.conv for layer in state.layers])
+    ssm = encoder_step.stacked_pool([layer.ssm for layer in state.layers])
+    dots = graphed_us(lambda: encoder_step.encoder_step(x, w, conv, ssm, rows, check=False), args.calls, args.replays)
     per_layer = graphed_us(lambda: model.head(model._step_layers(x, state, rows)), args.calls, args.replays)
-    return one, per_layer
+    return one, dots, per_layer
 
 
 def stepper_times(model: ASRModel, b: int, l: int, args: argparse.Namespace, one_launch: bool) -> tuple[float, float]:
@@ -86,8 +91,8 @@ def stepper_times(model: ASRModel, b: int, l: int, args: argparse.Namespace, one
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", default=["1x1", "1x4", "1x8", "4x1", "4x4", "16x1"], help="B x L")
-    p.add_argument("--block-p", type=int, nargs="+", default=[16], help="state rows a program (16, 32, 64)")
-    p.add_argument("--warps", type=int, nargs="+", default=[4], help="warps a program")
+    p.add_argument("--block-p", type=int, nargs="+", default=[16], help="the tl.dot form's state rows a program")
+    p.add_argument("--warps", type=int, nargs="+", default=[4], help="the tl.dot form's warps a program")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--replays", type=int, default=50)
@@ -95,18 +100,18 @@ def main() -> None:
     torch.manual_seed(0)
     model = ASRModel(ModelDimensions()).to("cuda", getattr(torch, args.dtype)).eval()
     print(f"{torch.cuda.get_device_name()}, {args.dtype}, us a call (GPU time, CUDA graph of {args.calls} calls)\n")
-    print("| B x L | BLOCK_P | warps | one launch | per layer | stepper GPU | stepper wall | stepper GPU, per layer "
-          "| stepper wall, per layer |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| B x L | BLOCK_P | warps | one launch | tl.dot form | per layer | stepper GPU | stepper wall "
+          "| stepper GPU, per layer | stepper wall, per layer |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
         for spec in args.rows:
             b, l = (int(v) for v in spec.split("x"))
             for block_p in args.block_p:
                 for warps in args.warps:
                     encoder_step._BLOCK_P, encoder_step._WARPS = block_p, warps
-                    one, per_layer = layer_paths(model, b, l, args)
+                    paths = layer_paths(model, b, l, args)
                     steps = [stepper_times(model, b, l, args, one_launch) for one_launch in (True, False)]
-                    cells = " | ".join(f"{v:.1f}" for v in (one, per_layer, *steps[0], *steps[1]))
+                    cells = " | ".join(f"{v:.1f}" for v in (*paths, *steps[0], *steps[1]))
                     print(f"| {b} x {l} | {block_p} | {warps} | {cells} |", flush=True)
 
 
