@@ -214,20 +214,25 @@ def test_gpu_small_shapes(dims: ModelDimensions, b: int, l: int, groups: int) ->
     _check(secrets.randbits(32), dims, b, l, torch.float32, 1e-4, device="cuda", pool=24, groups=groups)
 
 
-@pytest.mark.gpu
-@torch.inference_mode()
-def test_gpu_pad_rows_share_a_spare_slot() -> None:
-    """As the CUDA-graph stepper pads a batch: two streams and two pad rows on one spare slot, in one launch. The
-    streams' rows match the reference, and no slot but theirs and the spare one changes."""
+def pad_rows_share_a_spare_slot(step, frames: int) -> None:
+    """As the CUDA-graph stepper pads a batch: two streams and two pad rows on one spare slot, in one launch of
+    `step` (encoder_step's arguments) over `frames` frames. The streams' rows match the reference, and no slot but
+    theirs and the spare one changes."""
     seed = secrets.randbits(32)
     model = _model(seed, ModelDimensions(), torch.float32, "cuda")
     weights = model.encoder_weights()
     (conv, ssm), (conv_ref, ssm_ref) = _pools(model, seed, "cuda", pool=8)
     before = (conv.clone(), ssm.clone())
-    x = torch.randn(4, 2, model.dims.d_model, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
-    out = encoder_step(x, weights, conv, ssm, torch.tensor([5, 1, 7, 7], device="cuda"), check=False)
-    ref = encoder_step_ref(x[:2], weights, conv_ref, ssm_ref, torch.tensor([5, 1], device="cuda"))
+    x = torch.randn(4, frames, model.dims.d_model, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+    with torch.inference_mode():
+        out = step(x, weights, conv, ssm, torch.tensor([5, 1, 7, 7], device="cuda"), check=False)
+        ref = encoder_step_ref(x[:2], weights, conv_ref, ssm_ref, torch.tensor([5, 1], device="cuda"))
     assert _rel(out[:2], ref) < 1e-4, f"seed {seed}"
     for mine, theirs, old in ((conv, conv_ref, before[0]), (ssm, ssm_ref, before[1])):
         assert _rel(mine[:, [5, 1]], theirs[:, [5, 1]]) < 1e-4, f"seed {seed}"
         assert torch.equal(mine[:, [0, 2, 3, 4, 6]], old[:, [0, 2, 3, 4, 6]]), f"seed {seed}"
+
+
+@pytest.mark.gpu
+def test_gpu_pad_rows_share_a_spare_slot() -> None:
+    pad_rows_share_a_spare_slot(encoder_step, frames=2)

@@ -26,7 +26,7 @@ from asr.model import ASRModel, Impl, ModelDimensions
 from kernels.encoder_step import stacked_pool
 from kernels.frame_step import frame_step, frame_step_ref
 from tests.conftest import TINY
-from tests.test_kernels_encoder_step import SMALL, _float32, _model, _pools, _rel
+from tests.test_kernels_encoder_step import SMALL, _float32, _model, _pools, _rel, pad_rows_share_a_spare_slot
 
 # every tile masked: d_model / 2, head_dim and d_state below their powers of two; two heads a group, conv width 3
 MASKED = ModelDimensions(d_model=24, n_layers=2, d_state=12, head_dim=12, n_groups=2, d_conv=3, frontend_channels=4)
@@ -181,20 +181,5 @@ def test_gpu_small_shapes(dims: ModelDimensions, b: int, block_p: int | None) ->
 
 
 @pytest.mark.gpu
-@torch.inference_mode()
 def test_gpu_pad_rows_share_a_spare_slot() -> None:
-    """As the CUDA-graph stepper pads a batch: two streams and two pad rows on one spare slot, in one launch. The
-    streams' rows match the reference, and no slot but theirs and the spare one changes."""
-    seed = secrets.randbits(32)
-    model = _model(seed, ModelDimensions(), torch.float32, "cuda")
-    weights = model.encoder_weights()
-    (conv, ssm), (conv_ref, ssm_ref) = _pools(model, seed, "cuda", pool=8)
-    before = (conv.clone(), ssm.clone())
-    x = torch.randn(4, 1, model.dims.d_model, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
-    out = frame_step(x, weights, conv, ssm, torch.tensor([5, 1, 7, 7], device="cuda"), check=False)
-    ref = frame_step_ref(x[:2], weights, conv_ref, ssm_ref, torch.tensor([5, 1], device="cuda"))
-    assert _rel(out[:2], ref) < 1e-4, f"seed {seed}"
-    for mine, theirs in ((conv, conv_ref), (ssm, ssm_ref)):
-        assert _rel(mine[:, [5, 1]], theirs[:, [5, 1]]) < 1e-4, f"seed {seed}"
-    others = [0, 2, 3, 4, 6]
-    assert torch.equal(conv[:, others], before[0][:, others]) and torch.equal(ssm[:, others], before[1][:, others])
+    pad_rows_share_a_spare_slot(frame_step, frames=1)
