@@ -266,20 +266,20 @@ def _frame_kernel(x_ptr, out_ptr, slots_ptr, conv_ptr, ssm_ptr, norm_ptr, in_ptr
             tl.atomic_add(acc_row + 2 * BLOCK_J, tl.sum(g * g, axis=0), sem="relaxed")
             if SYNC:
                 _arrive(bars + layer)
-            tl.store(s_ptr, state, mask=s_mask)
+            tl.store(s_ptr, state, mask=s_mask)  # the stores after the arrival: its release need not wait for them
             _store_cache(cache, xch, pmask, x_rows, K, BLOCK_K)
             if phase > 0:
                 _write_bc(conv_ptr, phase - 1, S, slot, is_writer, bch, cch, nmask, bc_prev, cc_prev, CD, K, BLOCK_K)
         else:
             _write_bc(conv_ptr, phase - 1, S, slot, is_writer, bch, cch, nmask, bc_prev, cc_prev, CD, K, BLOCK_K)
-        if phase == NL and q == 0:
-            fw_e, fw_o = _halves_of(normf_ptr, jj, jmask)
-            he, ho = _rms(xe, xo, fw_e, fw_o, eps, dtype, D)
-            vv = tl.arange(0, BLOCK_V)
-            vmask = vv < V
-            logits = _matvec(_wrows(hw_ptr, vv, vmask, jj, jmask, J), he, ho, tl.float32)
-            logits += tl.load(hb_ptr + vv, mask=vmask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + b * V + vv, logits.to(dtype), mask=vmask)
+            if q == 0:
+                fw_e, fw_o = _halves_of(normf_ptr, jj, jmask)
+                he, ho = _rms(xe, xo, fw_e, fw_o, eps, dtype, D)
+                vv = tl.arange(0, BLOCK_V)
+                vmask = vv < V
+                logits = _matvec(_wrows(hw_ptr, vv, vmask, jj, jmask, J), he, ho, tl.float32)
+                logits += tl.load(hb_ptr + vv, mask=vmask, other=0.0).to(tl.float32)
+                tl.store(out_ptr + b * V + vv, logits.to(dtype), mask=vmask)
 
 
 def block_p_for(w: EncoderWeights, streams: int, device: torch.device) -> int | None:

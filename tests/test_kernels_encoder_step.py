@@ -66,29 +66,32 @@ def _float32(w: EncoderWeights) -> EncoderWeights:
 
 
 def _check(seed: int, dims: ModelDimensions, b: int, l: int, dtype: torch.dtype, tol: float, device: str = "cpu",
-           pool: int = POOL, persistent: bool | None = None, groups: int | None = None) -> None:  # fmt: skip
-    """The kernel against encoder_step_ref on the same random inputs: logits and both pools within relative error
-    tol, the rows outside `slots` untouched. In bfloat16, tol bounds the kernel's distance from float32 math over
-    the bf16 reference's (both round in their own places)."""
+           pool: int = POOL, calls: int = 1, step=encoder_step, ref=encoder_step_ref, **kwargs) -> None:  # fmt: skip
+    """`calls` chained calls of `step` (encoder_step's arguments, and kwargs) on b streams of l frames against `ref`
+    on the same random inputs: logits and both pools within relative error tol, the rows outside `slots` untouched.
+    In bfloat16, tol bounds the kernel's distance from float32 math over the bf16 reference's (both round in their
+    own places)."""
     model = _model(seed, dims, dtype, device)
     weights = model.encoder_weights()
     (conv, ssm), (conv_ref, ssm_ref), (conv32, ssm32) = _pools(model, seed, device, pool, copies=3)
     conv32 = conv32.float()
     before = (conv.clone(), ssm.clone())
     gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(b, l, dims.d_model, generator=gen).to(device, dtype)
     slots = torch.randperm(pool, generator=gen)[:b].to(device)
-    with torch.inference_mode():
-        out = encoder_step(x, weights, conv, ssm, slots, persistent=persistent, stream_groups=groups)
-        ref = encoder_step_ref(x, weights, conv_ref, ssm_ref, slots)
-        ref32 = encoder_step_ref(x.float(), _float32(weights), conv32, ssm32, slots)
-    what = f"seed {seed}, b {b}, l {l}, {dtype}, {groups} stream groups"
-    assert out.shape == (b, l, dims.vocab_size) and out.dtype == dtype, what
-    pairs = {"logits": (out, ref, ref32), "ssm state": (ssm, ssm_ref, ssm32), "conv cache": (conv, conv_ref, conv32)}
-    for name, (mine, theirs, exact) in pairs.items():
-        bound = tol if dtype == torch.float32 else tol * max(_rel(theirs, exact), 1e-3)
-        error = _rel(mine, theirs) if dtype == torch.float32 else _rel(mine, exact)
-        assert error < bound, f"{name} {error:.2e} (bound {bound:.2e}), {what}"
+    what = f"seed {seed}, {dims}, b {b}, l {l}, {dtype}, {kwargs}"
+    for call in range(calls):
+        x = torch.randn(b, l, dims.d_model, generator=gen).to(device, dtype)
+        with torch.inference_mode():
+            out = step(x, weights, conv, ssm, slots, **kwargs)
+            expected = ref(x, weights, conv_ref, ssm_ref, slots)
+            exact32 = ref(x.float(), _float32(weights), conv32, ssm32, slots)
+        assert out.shape == (b, l, dims.vocab_size) and out.dtype == dtype, what
+        pairs = {"logits": (out, expected, exact32), "ssm state": (ssm, ssm_ref, ssm32)}
+        pairs["conv cache"] = (conv, conv_ref, conv32)
+        for name, (mine, theirs, exact) in pairs.items():
+            bound = tol if dtype == torch.float32 else tol * max(_rel(theirs, exact), 1e-3)
+            error = _rel(mine, theirs) if dtype == torch.float32 else _rel(mine, exact)
+            assert error < bound, f"call {call}: {name} {error:.2e} (bound {bound:.2e}), {what}"
     others = [s for s in range(pool) if s not in slots.tolist()]
     assert torch.equal(conv[:, others], before[0][:, others]) and torch.equal(ssm[:, others], before[1][:, others])
 
@@ -98,7 +101,7 @@ def _check(seed: int, dims: ModelDimensions, b: int, l: int, dtype: torch.dtype,
 def test_matches_ref(dims: ModelDimensions, b: int, l: int, groups: int) -> None:
     """Streams in one group (a program steps them one after another) or spread over two (as on a GPU with spare
     SMs; stream b in group b % 2)."""
-    _check(secrets.randbits(32), dims, b, l, torch.float32, 1e-5, groups=groups)
+    _check(secrets.randbits(32), dims, b, l, torch.float32, 1e-5, stream_groups=groups)
 
 
 @pytest.mark.usefixtures("bf16_as_on_the_gpu")
@@ -211,7 +214,7 @@ def test_gpu_default_model(dtype: torch.dtype, b: int, l: int, persistent: bool)
 @pytest.mark.parametrize(("b", "l", "groups"), [(3, 5, 1), (3, 5, 3), (4, 4, 2), (16, 1, 4)])
 def test_gpu_small_shapes(dims: ModelDimensions, b: int, l: int, groups: int) -> None:
     """The one launch on the masked and two-group shapes, with streams in one group or spread over several."""
-    _check(secrets.randbits(32), dims, b, l, torch.float32, 1e-4, device="cuda", pool=24, groups=groups)
+    _check(secrets.randbits(32), dims, b, l, torch.float32, 1e-4, device="cuda", pool=24, stream_groups=groups)
 
 
 def pad_rows_share_a_spare_slot(step, frames: int) -> None:

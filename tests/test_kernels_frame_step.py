@@ -26,7 +26,8 @@ from asr.model import ASRModel, Impl, ModelDimensions
 from kernels.encoder_step import stacked_pool
 from kernels.frame_step import frame_step, frame_step_ref
 from tests.conftest import TINY
-from tests.test_kernels_encoder_step import SMALL, _float32, _model, _pools, _rel, pad_rows_share_a_spare_slot
+from tests.test_kernels_encoder_step import SMALL, _rel, pad_rows_share_a_spare_slot
+from tests.test_kernels_encoder_step import _check as check_step
 
 # every tile masked: d_model / 2, head_dim and d_state below their powers of two; two heads a group, conv width 3
 MASKED = ModelDimensions(d_model=24, n_layers=2, d_state=12, head_dim=12, n_groups=2, d_conv=3, frontend_channels=4)
@@ -35,32 +36,9 @@ POOL = 6
 
 def _check(seed: int, dims: ModelDimensions, b: int, dtype: torch.dtype, tol: float, device: str = "cpu",
            pool: int = POOL, calls: int = 2, **kwargs) -> None:  # fmt: skip
-    """`calls` chained one-frame steps of b streams against frame_step_ref on the same random inputs: logits and both
-    pools within relative error tol, the rows outside `slots` untouched. In bfloat16, tol bounds the kernel's
-    distance from float32 math over the bf16 reference's (both round in their own places)."""
-    model = _model(seed, dims, dtype, device)
-    weights = model.encoder_weights()
-    (conv, ssm), (conv_ref, ssm_ref), (conv32, ssm32) = _pools(model, seed, device, pool, copies=3)
-    conv32 = conv32.float()
-    before = (conv.clone(), ssm.clone())
-    gen = torch.Generator().manual_seed(seed + 1)
-    slots = torch.randperm(pool, generator=gen)[:b].to(device)
-    what = f"seed {seed}, {dims}, b {b}, {dtype}, {kwargs}"
-    for call in range(calls):
-        x = torch.randn(b, 1, dims.d_model, generator=gen).to(device, dtype)
-        with torch.inference_mode():
-            out = frame_step(x, weights, conv, ssm, slots, **kwargs)
-            ref = frame_step_ref(x, weights, conv_ref, ssm_ref, slots)
-            ref32 = frame_step_ref(x.float(), _float32(weights), conv32, ssm32, slots)
-        assert out.shape == (b, 1, dims.vocab_size) and out.dtype == dtype, what
-        pairs = {"logits": (out, ref, ref32), "ssm state": (ssm, ssm_ref, ssm32)}
-        pairs["conv cache"] = (conv, conv_ref, conv32)
-        for name, (mine, theirs, exact) in pairs.items():
-            bound = tol if dtype == torch.float32 else tol * max(_rel(theirs, exact), 1e-3)
-            error = _rel(mine, theirs) if dtype == torch.float32 else _rel(mine, exact)
-            assert error < bound, f"call {call}: {name} {error:.2e} (bound {bound:.2e}), {what}"
-    others = [s for s in range(pool) if s not in slots.tolist()]
-    assert torch.equal(conv[:, others], before[0][:, others]) and torch.equal(ssm[:, others], before[1][:, others])
+    """`calls` chained one-frame steps of frame_step on b streams against frame_step_ref: logits and both pools, the
+    rows outside the slots untouched (the check of `tests/test_kernels_encoder_step.py`)."""
+    check_step(seed, dims, b, 1, dtype, tol, device, pool, calls, frame_step, frame_step_ref, **kwargs)
 
 
 @pytest.mark.parametrize(
