@@ -11,9 +11,15 @@ from tests.conftest import bursty_audio
 
 @pytest.mark.parametrize("rate", [8000, 11025, 22050, 44100, 48000])
 def test_streaming_resampler_matches_torchaudio(rate: int) -> None:
+    """Any chunking gives torchaudio's length and adds no error beyond torchaudio's own float32 pass.
+
+    Both are measured against torchaudio in float64: a fixed bound on the float32 difference is
+    noise-limited (about 1e-5 at 11025 Hz, depending on the input).
+    """
     rng = random.Random(rate)
-    x = torch.randn(rate + rng.randrange(1000))
+    x = torch.randn(rate + rng.randrange(1000), generator=torch.Generator().manual_seed(rate))
     expected = torchaudio.functional.resample(x, rate, 16000)
+    exact = torchaudio.functional.resample(x.double(), rate, 16000)
     r, out, i = StreamingResampler(rate), [], 0
     while i < x.numel():
         n = rng.choice([1, 3, 160, 441, 4096])
@@ -22,7 +28,11 @@ def test_streaming_resampler_matches_torchaudio(rate: int) -> None:
     out.append(r.flush())
     got = torch.cat(out)
     assert got.shape == expected.shape
-    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+
+    def error(y: torch.Tensor) -> float:
+        return ((y.double() - exact).norm() / exact.norm()).item()
+
+    assert error(got) <= max(error(expected), 1e-7)
 
 
 def test_resampler_passthrough_and_bad_rate() -> None:
