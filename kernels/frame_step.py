@@ -17,9 +17,10 @@ taps, cache rows and state slice are loaded before it waits for layer l - 1 (the
   3. the causal depthwise conv + SiLU of those channels from the conv cache row and the new inputs, in registers;
   4. S = exp(dt A) S + dt x B^T, y = S C + D x on its state slice (float32, loaded and stored once);
   5. g = y silu(z). Since out_proj(rms_norm(g) w) = rsqrt(mean(g^2) + eps) W_out (g w), it adds
-     W_out[:, its channels] (g w) (D values) and sum(g^2) into the accumulators of layer l (atomics), arrives at the
-     layer's grid barrier, and only then stores its state slice and its x channels' cache row (off the critical
-     path: the barrier's release need not wait for them).
+     W_out[:, its channels] (g w) (D values) and sum(g^2) into an accumulator row of layer l (atomics; row q %
+     _COPIES of the layer's, which halves the atomics each address serializes), arrives at the layer's grid
+     barrier, and only then stores its state slice and its x channels' cache row (off the critical path: the
+     barrier's release need not wait for them).
 B and C belong to a group of heads, so every program of the group computes them; the group's first program shifts
 their cache rows once every program has read them: after the barrier of layer l, with layer l + 1's stores.
 After the last layer program 0 of each stream applies norm_f and the head.
@@ -53,6 +54,9 @@ __all__ = ["frame_step", "frame_step_ref", "block_p_for", "takes"]
 _WARPS = 8  # H200, 12 x 256, bf16, 128 programs: 2 warps 132 us, 4 68, 8 59 (BENCHMARKS.md, session 15)
 _MIN_BLOCK_P = 4
 _DTYPES = (torch.float32, torch.bfloat16)  # the packed column pairs' (float16 takes kernels/encoder_step.py)
+# Accumulator rows a layer, program q adding into row q % _COPIES: fewer atomics a row to serialize. H200, 1 x 1, 12 x 256
+# bf16: 1 row 62.9 us, 2 60.0, 4 60.3, 8 63.6; at 4 x 1 no gain (86.1, 86.5; BENCHMARKS.md session 16)
+_COPIES = tl.constexpr(2)
 
 
 def frame_step_ref(
@@ -154,14 +158,21 @@ def _write_bc(conv_ptr, layer, S, slot, is_writer, bch, cch, nmask, bc_rows, cc_
 @triton.jit
 def _add_mixer(xe, xo, acc_row, SYNC_WAIT: tl.constexpr, bar_ptr, eps, dtype: tl.constexpr, NP: tl.constexpr,
                DI: tl.constexpr, BLOCK_J: tl.constexpr):  # fmt: skip
-    """x + out_proj of a layer from its accumulators at acc_row (the D values as even then odd halves, then the sum of
-    squares), after its barrier if SYNC_WAIT: out rounded to the model dtype, then the sum, as PyTorch's are."""
+    """x + out_proj of a layer from its _COPIES accumulator rows at acc_row (each: the D values as even then odd
+    halves, then the sum of squares), after its barrier if SYNC_WAIT: out rounded to the model dtype, then the sum,
+    as PyTorch's are."""
     if SYNC_WAIT:
         _wait(bar_ptr, NP)
     jj = tl.arange(0, BLOCK_J)
+    aw: tl.constexpr = 2 * BLOCK_J + 2
     acc_e = tl.load(acc_row + jj, cache_modifier=".cg")
     acc_o = tl.load(acc_row + BLOCK_J + jj, cache_modifier=".cg")
-    rs = tl.rsqrt(tl.load(acc_row + 2 * BLOCK_J, cache_modifier=".cg") / DI + eps)
+    sum_sq = tl.load(acc_row + 2 * BLOCK_J, cache_modifier=".cg")
+    for c in tl.static_range(1, _COPIES):
+        acc_e += tl.load(acc_row + c * aw + jj, cache_modifier=".cg")
+        acc_o += tl.load(acc_row + c * aw + BLOCK_J + jj, cache_modifier=".cg")
+        sum_sq += tl.load(acc_row + c * aw + 2 * BLOCK_J, cache_modifier=".cg")
+    rs = tl.rsqrt(sum_sq / DI + eps)
     xe = (xe + (acc_e * rs).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     xo = (xo + (acc_o * rs).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     return xe, xo
@@ -175,15 +186,15 @@ def _frame_kernel(x_ptr, out_ptr, slots_ptr, conv_ptr, ssm_ptr, norm_ptr, in_ptr
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, SYNC: tl.constexpr):  # fmt: skip
     """Phases first .. last of stream b = program_id(1) (module docstring): phase l loads layer l's tiles, then
     finishes layer l - 1 (after its barrier if SYNC) and runs layer l; phase NL ends with the head. in_ptr, hw_ptr
-    and outw_ptr (out_proj transposed) point at those weights as column pairs; acc_ptr at (B, NL, 2 BLOCK_J + 2)
-    float32, bar_ptr at (B, NL) int32."""
+    and outw_ptr (out_proj transposed) point at those weights as column pairs; acc_ptr at (B, NL, _COPIES,
+    2 BLOCK_J + 2) float32, bar_ptr at (B, NL) int32."""
     q, b = tl.program_id(0), tl.program_id(1)
     n_rb: tl.constexpr = (P + BLOCK_P - 1) // BLOCK_P
     NP: tl.constexpr = H * n_rb
     DI: tl.constexpr = H * P
     CD: tl.constexpr = DI + 2 * G * N
     J: tl.constexpr = D // 2
-    AW: tl.constexpr = 2 * BLOCK_J + 2  # an accumulator row
+    AW: tl.constexpr = _COPIES * (2 * BLOCK_J + 2)  # a layer's accumulator rows
     h = q // n_rb
     grp = h // (H // G)
     is_writer = q % (n_rb * (H // G)) == 0  # the group's first program: it shifts the B and C cache rows
@@ -260,7 +271,7 @@ def _frame_kernel(x_ptr, out_ptr, slots_ptr, conv_ptr, ssm_ptr, norm_ptr, in_ptr
             g = y * z * tl.sigmoid(z)
             gn = (g * gw).to(dtype).to(tl.float32)[:, None]
             out_lo, out_hi = _halves(w_out)
-            acc_row = accs + layer * AW
+            acc_row = accs + layer * AW + (q % _COPIES) * (2 * BLOCK_J + 2)
             tl.atomic_add(acc_row + jj, tl.sum(out_lo * gn, axis=0), sem="relaxed")  # zero where not jmask
             tl.atomic_add(acc_row + BLOCK_J + jj, tl.sum(out_hi * gn, axis=0), sem="relaxed")
             tl.atomic_add(acc_row + 2 * BLOCK_J, tl.sum(g * g, axis=0), sem="relaxed")
@@ -347,7 +358,7 @@ def frame_step(
         raise ValueError(f"{b} x {n_programs} programs do not fit on {_sm_count(x.device)} SMs at once")
     k, v = w.conv_weight.shape[2], w.head_weight.shape[0]
     block_j = triton.next_power_of_2(d // 2)
-    n_acc = b * nl * (2 * block_j + 2)
+    n_acc = b * nl * _COPIES * (2 * block_j + 2)
     work = torch.zeros(n_acc + b * nl, device=x.device, dtype=torch.int32)  # one memset: accumulators, counters
     out = torch.empty(b, 1, v, device=x.device, dtype=x.dtype)
     consts = dict(
