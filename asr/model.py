@@ -35,6 +35,7 @@ from kernels import frontend as triton_frontend
 from kernels import ssd_scan as triton_scan
 from kernels import step as triton_step
 from kernels.encoder_step import EncoderWeights
+from kernels.frontend import FrontEndWeights
 from kernels.norm import add_rms_norm
 
 # fused-step chunks of at least this many encoder frames (B L) take kernels/frontend: from 64 x 1 to 1,024 x 2 the
@@ -432,9 +433,10 @@ class ASRModel(nn.Module):
         verifies (a device sync; it is skipped while a CUDA graph is being captured). `impl` defaults to
         `Impl.pick`; `Impl.TORCH` is the pure-PyTorch reference on any device. Under `Impl.STEP` each residual
         add is fused into the next RMSNorm (`kernels/norm.py`); with `weights` (this model's `encoder_weights()`)
-        and B <= `encoder_step.max_streams` (4 on an H200), the layers and the head run as one launch instead,
-        after the Triton front end: a one-frame chunk as matrix-vector products (`kernels/frame_step.py`), longer
-        chunks MAX_ROWS // B frames a launch (`kernels/encoder_step.py`).
+        and B <= `encoder_step.max_streams` (4 on an H200), a one-frame chunk of a float32 or bfloat16 model runs
+        as one launch from feats to logits, as matrix-vector products (`kernels/frame_step.py`); longer chunks run
+        the Triton front end, then the layers and the head in one launch MAX_ROWS // B frames at a time
+        (`kernels/encoder_step.py`).
         """
         if feats.shape[1] % SUBSAMPLING:
             raise ValueError(f"chunk() needs a multiple of {SUBSAMPLING} feature frames, got {feats.shape[1]}")
@@ -447,6 +449,8 @@ class ASRModel(nn.Module):
             rows = torch.arange(feats.shape[0], device=feats.device)
         one_launch = impl is Impl.STEP and weights is not None
         one_launch = one_launch and feats.shape[0] <= triton_encoder.max_streams(weights, feats.device)
+        if one_launch and triton_frame.takes(feats, weights):
+            return self._step_frame(feats.float(), state, rows, weights), state
         x = self._chunk_frontend(feats, state, slots, rows, impl, one_launch)
         if one_launch:
             return self._step_encoder(x, state, rows, weights), state
@@ -477,14 +481,20 @@ class ASRModel(nn.Module):
         return x
 
     @staticmethod
-    def _step_encoder(x: torch.Tensor, state: EncoderState, rows: torch.Tensor, w: EncoderWeights) -> torch.Tensor:
-        """x (B, L, d_model) -> logits (B, L, V) in one launch: for one frame by the matrix-vector form
-        (`kernels/frame_step.py`, float32 and bfloat16), else by `kernels/encoder_step.py`, MAX_ROWS // B frames a
-        launch."""
+    def _step_frame(feats: torch.Tensor, state: EncoderState, rows: torch.Tensor, w: EncoderWeights) -> torch.Tensor:
+        """feats (B, 4, n_mels) raw float32 log-mel -> logits (B, 1, V): the whole model in one launch, as
+        matrix-vector products (`kernels/frame_step.py`)."""
         conv = triton_encoder.stacked_pool([layer.conv for layer in state.layers])
         ssm = triton_encoder.stacked_pool([layer.ssm for layer in state.layers])
-        if triton_frame.takes(x, w):
-            return triton_frame.frame_step(x, w, conv, ssm, rows, check=False)
+        front = state.frontend
+        return triton_frame.frame_step(feats, w, front.conv1, front.conv2, conv, ssm, rows, check=False)
+
+    @staticmethod
+    def _step_encoder(x: torch.Tensor, state: EncoderState, rows: torch.Tensor, w: EncoderWeights) -> torch.Tensor:
+        """x (B, L, d_model) -> logits (B, L, V) in one launch (after the Triton front end) by
+        `kernels/encoder_step.py`, MAX_ROWS // B frames a launch."""
+        conv = triton_encoder.stacked_pool([layer.conv for layer in state.layers])
+        ssm = triton_encoder.stacked_pool([layer.ssm for layer in state.layers])
 
         def piece(xs: torch.Tensor) -> torch.Tensor:
             return triton_encoder.encoder_step(xs, w, conv, ssm, rows, check=False)
@@ -521,8 +531,14 @@ class ASRModel(nn.Module):
             gated_norm=stack(m.norm.weight for m in mixers), out_proj=stack(m.out_proj.weight for m in mixers),
             norm_f=self.norm_f.weight.detach().clone(), head_weight=self.head.weight.detach().clone(),
             head_bias=self.head.bias.detach().clone(), n_groups=self.dims.n_groups, head_dim=self.dims.head_dim,
-            eps=self.norm_f.eps,
+            eps=self.norm_f.eps, front=self._frontend_weights(),
         )  # fmt: skip
+
+    def _frontend_weights(self) -> FrontEndWeights:
+        f = self.frontend
+        tensors = (self.cmvn_mean, self.cmvn_istd, f.conv1.weight, f.conv1.bias, f.conv2.weight, f.conv2.bias,
+                   f.out.weight, f.out.bias)  # fmt: skip
+        return FrontEndWeights(*(t.detach().clone() for t in tensors))
 
     def compile_blocks(self, backend: str = "inductor") -> None:
         """torch.compile each block's `forward` (training) for any batch size and length: the elementwise work

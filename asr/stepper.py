@@ -45,8 +45,8 @@ class EncoderStepper:
     `graphs` (default: on CUDA) replays captured CUDA graphs; otherwise each call runs `model.chunk` eagerly.
     `fused=False` uses the pure-PyTorch layers (the reference) instead of the Triton step kernels. On CUDA the
     stepper keeps a stacked copy of the weights (`model.encoder_weights()`, taken here: build a new stepper after
-    changing the model) for the one-launch step of few streams (`kernels/frame_step.py` for one frame,
-    `kernels/encoder_step.py` for more). The model is put in eval mode.
+    changing the model) for the one-launch step of few streams (`kernels/frame_step.py`: the whole model for one
+    frame; `kernels/encoder_step.py`: the layers and head for more). The model is put in eval mode.
     """
 
     def __init__(

@@ -1,7 +1,8 @@
-"""GPU time of the encoder's layers and head for few streams: the one-launch step as `ASRModel` takes it (for one
-frame the matrix-vector form, `kernels/frame_step.py`; else the tl.dot form, `kernels/encoder_step.py`), the tl.dot
-form itself, and the per-layer fused step (`kernels/step.py` + `kernels/norm.py` + cuBLAS), each captured in a CUDA
-graph of `--calls` consecutive calls and timed by CUDA events over `--replays` replays (us a call: no host time).
+"""GPU time of the model from raw log-mel to logits for few streams: the one-launch step as `ASRModel` takes it (for
+one frame the whole model in one launch, `kernels/frame_step.py`; else the Triton front end, then the tl.dot form,
+`kernels/encoder_step.py`), the front end and the tl.dot form, and the front end and the per-layer fused step
+(`kernels/step.py` + `kernels/norm.py` + cuBLAS), each captured in a CUDA graph of `--calls` consecutive calls and
+timed by CUDA events over `--replays` replays (us a call: no host time).
 Then the whole `EncoderStepper` step (front end, layers, head, log-softmax; graphed), by the path the stepper takes
 and by the per-layer path, each as GPU time between CUDA events around the call and as wall time.
 
@@ -21,7 +22,7 @@ import torch
 
 import kernels.encoder_step as encoder_step
 from asr.features import N_MELS
-from asr.model import ASRModel, ModelDimensions
+from asr.model import ASRModel, Impl, ModelDimensions
 from asr.stepper import EncoderStepper
 
 
@@ -48,19 +49,28 @@ def graphed_us(fn: Callable[[], object], calls: int, replays: int) -> float:
     return statistics.median(times)
 
 
-def layer_paths(model: ASRModel, b: int, l: int, args: argparse.Namespace) -> tuple[float, float, float]:
-    """(one-launch us as the stepper takes it, the tl.dot form's us, per-layer us) for x (b, l, d_model) -> logits.
-    For one frame the stepper takes the matrix-vector form (`kernels/frame_step.py`), else the tl.dot form."""
-    d = model.dims
+def model_paths(model: ASRModel, b: int, l: int, args: argparse.Namespace) -> tuple[float, float, float]:
+    """(one-launch us as the stepper takes it, the tl.dot form's us, per-layer us) for raw log-mel (b, 4 l, n_mels)
+    -> logits. For one frame the stepper takes the whole model in one launch (`kernels/frame_step.py`); else, and in
+    the other two columns, the Triton front end first, then the tl.dot form (`kernels/encoder_step.py`) or the
+    per-layer step."""
     state = model.init_state(64, "cuda")
     rows = torch.arange(b, device="cuda") * 3
-    x = torch.randn(b, l, d.d_model, device="cuda", dtype=model.head.weight.dtype)
+    feats = torch.randn(b, 4 * l, N_MELS, device="cuda")
     w = model.encoder_weights()
-    one = graphed_us(lambda: model._step_encoder(x, state, rows, w), args.calls, args.replays)
+
+    def front() -> torch.Tensor:
+        return model.frontend.step(feats, state.frontend, rows, model.cmvn_mean, model.cmvn_istd)
+
+    def chunk() -> torch.Tensor:
+        return model.chunk(feats, state, rows, impl=Impl.STEP, check=False, weights=w)[0]
+
     conv = encoder_step.stacked_pool([layer.conv for layer in state.layers])
     ssm = encoder_step.stacked_pool([layer.ssm for layer in state.layers])
-    dots = graphed_us(lambda: encoder_step.encoder_step(x, w, conv, ssm, rows, check=False), args.calls, args.replays)
-    per_layer = graphed_us(lambda: model.head(model._step_layers(x, state, rows)), args.calls, args.replays)
+    one = graphed_us(chunk, args.calls, args.replays)
+    dots = graphed_us(lambda: encoder_step.encoder_step(front(), w, conv, ssm, rows, check=False), args.calls,
+                      args.replays)  # fmt: skip
+    per_layer = graphed_us(lambda: model.head(model._step_layers(front(), state, rows)), args.calls, args.replays)
     return one, dots, per_layer
 
 
@@ -109,7 +119,7 @@ def main() -> None:
             for block_p in args.block_p:
                 for warps in args.warps:
                     encoder_step._BLOCK_P, encoder_step._WARPS = block_p, warps
-                    paths = layer_paths(model, b, l, args)
+                    paths = model_paths(model, b, l, args)
                     steps = [stepper_times(model, b, l, args, one_launch) for one_launch in (True, False)]
                     cells = " | ".join(f"{v:.1f}" for v in (*paths, *steps[0], *steps[1]))
                     print(f"| {b} x {l} | {block_p} | {warps} | {cells} |", flush=True)

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.frontend import FrontEndWeights
 from kernels.norm import add_rms_norm_ref
 from kernels.step import _interpreting, _sm_count, check_slots, step_ref
 
@@ -69,7 +70,8 @@ _WARPS = 4
 
 @dataclass(frozen=True)
 class EncoderWeights:
-    """The encoder's weights stacked over its NL layers, all in the model dtype (`ASRModel.encoder_weights`)."""
+    """The encoder's weights stacked over its NL layers, all in the model dtype, and the front end's
+    (`ASRModel.encoder_weights`)."""
 
     norm: torch.Tensor  # (NL, D) each block's RMSNorm
     in_proj: torch.Tensor  # (NL, DIP, D)
@@ -86,6 +88,7 @@ class EncoderWeights:
     n_groups: int
     head_dim: int
     eps: float  # of every RMSNorm
+    front: FrontEndWeights  # the front end's (`kernels/frame_step.py` runs it; this module starts after it)
     out_proj_t: torch.Tensor = field(init=False)  # (NL, DI, D) out_proj transposed: `kernels/frame_step.py` reads rows
 
     def __post_init__(self) -> None:

@@ -1,9 +1,12 @@
-"""One frame of the whole encoder for a few streams in ONE launch, as matrix-vector products: every Mamba layer, norm_f
-and the head. What the streaming step runs for one encoder frame (a live caption stream stepping 40 ms at a time).
+"""One frame of the whole model for a few streams in ONE launch, as matrix-vector products: CMVN, the front end
+(two 3x3 stride-2 convs and the Linear), every Mamba layer, norm_f and the head, from 4 raw log-mel frames to the
+logits. What the streaming step runs for one encoder frame (a live caption stream stepping 40 ms at a time).
 
-Same function as `frame_step_ref` below (`encoder_step_ref` for L = 1). `kernels/encoder_step.py` does the same for
-B L <= 16 rows with tl.dots over rows padded to 16; for one row that pads 15 of 16, and its per-program chain of
-layout changes and scratch round trips measured 103 us at 1 x 1 where this form takes 64 (BENCHMARKS.md, session 15).
+Same function as `frame_step_ref` below (`frontend_step_ref`, then `encoder_step_ref` for L = 1).
+`kernels/encoder_step.py` does the layers for B L <= 16 rows with tl.dots over rows padded to 16; for one row that
+pads 15 of 16, and its per-program chain of layout changes and scratch round trips measured 103 us at 1 x 1 where
+this form took 64 for the layers alone (BENCHMARKS.md, session 15). Taking the front end in as well saves its two
+launches (17 us at 1 x 1) for a phase of about 4 us (session 16).
 
 Stream b gets NP = H ceil(P / BLOCK_P) programs (grid (NP, B)), BLOCK_P chosen by the wrapper as small as the SMs
 allow (4 for one stream on an H200: 128 programs); program q = (h, i) owns state rows i BLOCK_P ... of head h. It
@@ -25,19 +28,32 @@ B and C belong to a group of heads, so every program of the group computes them;
 their cache rows once every program has read them: after the barrier of layer l, with layer l + 1's stores.
 After the last layer program 0 of each stream applies norm_f and the head.
 
+Before layer 0 comes the front end's phase, with a barrier of its own. Its work items are (mel position m, block of
+CB conv2 output channels), M2 C / CB of them, item i on program i % NP. An item computes the conv1 outputs (all C
+channels, two rows, the three mel columns conv2 reads at m) from the normalized feature frames and the conv1 cache
+row, then conv2 + SiLU for its channels, then their share of the Linear: `FrontEndWeights.out_by_mel[m]` rows (its
+channels) times the conv2 outputs, added into the front end's accumulator row. After the barrier x = those sums +
+the bias. The new cache rows (the last normalized frame; the last conv1 output row, a mel column a program) are
+written in phase 0, when every program has read the old ones.
+
 The barrier is `kernels/encoder_step.py`'s: a counter per stream and layer, zeroed with the accumulators by one
 memset a call; every program must be resident at once (`frame_step` refuses a grid larger than the SM count).
 Triton's interpreter runs programs one after another, so a barrier would never return there: the interpreter (and
-`persistent=False`) launches one phase at a time, each launch starting from x and replaying the residual adds of
-the layers before, and the group's first program computing layer l - 1's B and C again for their cache rows.
+`persistent=False`) launches one phase at a time, each launch taking x from the front end's accumulators and
+replaying the residual adds of the layers before, and the group's first program computing layer l - 1's B and C
+again for their cache rows.
 
 Rounding follows the per-layer path: in_proj's outputs, out_proj's and each residual sum in the model dtype; the SSM
 state and every sum float32 (no tf32). As in `kernels/encoder_step.py`, the gated norm's input to out_proj is
 rounded before its scale is applied, and the conv's pre-SiLU sum is not rounded.
 
-Shapes: as `kernels/encoder_step.py` with L = 1: x (B, 1, D) with D even, float32 or bfloat16; pools conv (NL, S, CD,
-K - 1) and ssm (NL, S, H, P, N); slots (B,) distinct but for pad rows sharing one spare slot. No autotuning: the
-launch writes the pools in place.
+The front end rounds where PyTorch does (the normalized features, each conv's output and its SiLU, the Linear's
+output), its sums float32.
+
+Shapes: feats (B, 4, M) float32 raw log-mel; the model float32 or bfloat16 with D even; the front end's pools
+conv1 (S, 1, 1, M) and conv2 (S, C, 1, M1), M1 = ceil(M / 2), M2 = ceil(M1 / 2) (`kernels/frontend.py`), the
+layers' conv (NL, S, CD, K - 1) and ssm (NL, S, H, P, N) (`kernels/encoder_step.py`); slots (B,) distinct but for
+pad rows sharing one spare slot. No autotuning: the launch writes the pools in place.
 """
 
 from __future__ import annotations
@@ -46,7 +62,10 @@ import torch
 import triton
 import triton.language as tl
 
+from asr.features import SUBSAMPLING
+from asr.ssm import halved
 from kernels.encoder_step import EncoderWeights, _arrive, _check, _wait, encoder_step_ref
+from kernels.frontend import _check_shapes, _check_types, _h1, _silu, frontend_step_ref
 from kernels.step import _interpreting, _sm_count, _softplus, check_slots
 
 __all__ = ["frame_step", "frame_step_ref", "block_p_for", "takes"]
@@ -54,17 +73,27 @@ __all__ = ["frame_step", "frame_step_ref", "block_p_for", "takes"]
 _WARPS = 8  # H200, 12 x 256, bf16, 128 programs: 2 warps 132 us, 4 68, 8 59 (BENCHMARKS.md, session 15)
 _MIN_BLOCK_P = 4
 _DTYPES = (torch.float32, torch.bfloat16)  # the packed column pairs' (float16 takes kernels/encoder_step.py)
-# Accumulator rows a layer, program q adding into row q % _COPIES: fewer atomics a row to serialize. H200, 1 x 1, 12 x 256
-# bf16: 1 row 62.9 us, 2 60.0, 4 60.3, 8 63.6; at 4 x 1 no gain (86.1, 86.5; BENCHMARKS.md session 16)
+# Accumulator rows a layer, program q adding into row q % _COPIES: fewer atomics a row to serialize. H200, 1 x 1,
+# 12 x 256 bf16, the layers alone: 1 row 62.9 us, 2 60.0, 4 60.3, 8 63.6; at 4 x 1 no gain (86.1, 86.5; BENCHMARKS.md
+# session 16)
 _COPIES = tl.constexpr(2)
 
 
 def frame_step_ref(
-    x: torch.Tensor, w: EncoderWeights, conv: torch.Tensor, ssm: torch.Tensor, slots: torch.Tensor
+    feats: torch.Tensor,
+    w: EncoderWeights,
+    conv1: torch.Tensor,
+    conv2: torch.Tensor,
+    conv: torch.Tensor,
+    ssm: torch.Tensor,
+    slots: torch.Tensor,
 ) -> torch.Tensor:
-    """x (B, 1, D) -> logits (B, 1, V): `encoder_step_ref` for one frame, advancing pool rows `slots` in place."""
-    if x.dim() != 3 or x.shape[1] != 1:
-        raise ValueError(f"frame_step takes one frame a stream, x (B, 1, D), got shape {tuple(x.shape)}")
+    """feats (B, 4, n_mels) -> logits (B, 1, V): `frontend_step_ref`, then `encoder_step_ref`, advancing pool rows
+    `slots` of the front end's (conv1, conv2) and the layers' (conv, ssm) pools in place."""
+    if feats.dim() != 3 or feats.shape[1] != SUBSAMPLING:
+        raise ValueError(f"frame_step takes one encoder frame a stream, feats (B, {SUBSAMPLING}, n_mels), got shape "
+                         f"{tuple(feats.shape)}")  # fmt: skip
+    x = frontend_step_ref(feats, conv1, conv2, slots, *w.front.tensors())
     return encoder_step_ref(x, w, conv, ssm, slots)
 
 
@@ -156,6 +185,16 @@ def _write_bc(conv_ptr, layer, S, slot, is_writer, bch, cch, nmask, bc_rows, cc_
 
 
 @triton.jit
+def _sum_copies(acc_row, off, BLOCK: tl.constexpr, AWC: tl.constexpr):
+    """The sum over the _COPIES accumulator rows (each AWC floats) at acc_row of entries off .. off + BLOCK."""
+    ii = off + tl.arange(0, BLOCK)
+    total = tl.load(acc_row + ii, cache_modifier=".cg")
+    for c in tl.static_range(1, _COPIES):
+        total += tl.load(acc_row + c * AWC + ii, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
 def _add_mixer(xe, xo, acc_row, SYNC_WAIT: tl.constexpr, bar_ptr, eps, dtype: tl.constexpr, NP: tl.constexpr,
                DI: tl.constexpr, BLOCK_J: tl.constexpr):  # fmt: skip
     """x + out_proj of a layer from its _COPIES accumulator rows at acc_row (each: the D values as even then odd
@@ -163,15 +202,10 @@ def _add_mixer(xe, xo, acc_row, SYNC_WAIT: tl.constexpr, bar_ptr, eps, dtype: tl
     as PyTorch's are."""
     if SYNC_WAIT:
         _wait(bar_ptr, NP)
-    jj = tl.arange(0, BLOCK_J)
-    aw: tl.constexpr = 2 * BLOCK_J + 2
-    acc_e = tl.load(acc_row + jj, cache_modifier=".cg")
-    acc_o = tl.load(acc_row + BLOCK_J + jj, cache_modifier=".cg")
-    sum_sq = tl.load(acc_row + 2 * BLOCK_J, cache_modifier=".cg")
-    for c in tl.static_range(1, _COPIES):
-        acc_e += tl.load(acc_row + c * aw + jj, cache_modifier=".cg")
-        acc_o += tl.load(acc_row + c * aw + BLOCK_J + jj, cache_modifier=".cg")
-        sum_sq += tl.load(acc_row + c * aw + 2 * BLOCK_J, cache_modifier=".cg")
+    awc: tl.constexpr = 2 * BLOCK_J + 2
+    acc_e = _sum_copies(acc_row, 0, BLOCK_J, awc)
+    acc_o = _sum_copies(acc_row, BLOCK_J, BLOCK_J, awc)
+    sum_sq = tl.sum(_sum_copies(acc_row, 2 * BLOCK_J, 2, awc), axis=0)  # the second entry is never written
     rs = tl.rsqrt(sum_sq / DI + eps)
     xe = (xe + (acc_e * rs).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     xo = (xo + (acc_o * rs).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
@@ -179,15 +213,90 @@ def _add_mixer(xe, xo, acc_row, SYNC_WAIT: tl.constexpr, bar_ptr, eps, dtype: tl
 
 
 @triton.jit
-def _frame_kernel(x_ptr, out_ptr, slots_ptr, conv_ptr, ssm_ptr, norm_ptr, in_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr,
-                  dskip_ptr, gnorm_ptr, outw_ptr, normf_ptr, hw_ptr, hb_ptr, acc_ptr, bar_ptr, S, first, last, eps,
+def _conv1_at(feats_row, c1_row, mean_ptr, istd_ptr, w1_ptr, b1_ptr, ci, cmask, r, c, M, M1,
+              dtype: tl.constexpr):  # fmt: skip
+    """Row r + 1 of h2 at mel column c, channels ci (BLOCK_C,) float32: silu(conv1) of h1 rows 2r .. 2r + 2 (h1 row 0
+    the conv1 cache row, row i the normalized feature frame i - 1), rounded to dtype where PyTorch rounds; zero
+    outside 0 <= c < M1 (conv2's mel padding)."""
+    t = tl.arange(0, 16)  # tap 3 kt + kf
+    rows, cols = 2 * r + t // 3, 2 * c - 1 + t % 3
+    ok = (t < 9) & (cols >= 0) & (cols < M)
+    h = _h1(feats_row, c1_row, mean_ptr, istd_ptr, rows, cols, ok, M, dtype)
+    w = tl.load(w1_ptr + ci[:, None] * 9 + t[None, :], mask=cmask[:, None] & (t < 9)[None, :], other=0.0)
+    v = tl.sum(w.to(tl.float32) * h[None, :], axis=1) + tl.load(b1_ptr + ci, mask=cmask, other=0.0).to(tl.float32)
+    return tl.where((c >= 0) & (c < M1), _silu(v, dtype).to(dtype).to(tl.float32), 0.0)
+
+
+@triton.jit
+def _front_item(feats_row, c1_row, c2_row, mean_ptr, istd_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, lin_ptr, m, cb, ci,
+                cmask, jj, jmask, M, M1, C: tl.constexpr, J: tl.constexpr, CB: tl.constexpr, BLOCK_C: tl.constexpr,
+                dtype: tl.constexpr):  # fmt: skip
+    """Conv2 + silu at mel position m for output channels cb CB ..., then their share of the Linear: its partial sums
+    (even and odd halves, (BLOCK_J,) float32). w2_ptr: `FrontEndWeights.conv2_taps`; lin_ptr: `out_by_mel` as
+    column pairs."""
+    co = cb * CB + tl.arange(0, CB)
+    omask = co < C
+    wmask = omask[:, None] & cmask[None, :]
+    acc = tl.zeros((CB, BLOCK_C), tl.float32)
+    for kf in tl.static_range(3):
+        c = 2 * m - 1 + kf
+        h0 = tl.load(c2_row + ci * M1 + c, mask=cmask & (c >= 0) & (c < M1), other=0.0).to(tl.float32)
+        h1 = _conv1_at(feats_row, c1_row, mean_ptr, istd_ptr, w1_ptr, b1_ptr, ci, cmask, 0, c, M, M1, dtype)
+        h2 = _conv1_at(feats_row, c1_row, mean_ptr, istd_ptr, w1_ptr, b1_ptr, ci, cmask, 1, c, M, M1, dtype)
+        tap = w2_ptr + co[:, None] * C + ci[None, :]
+        acc += tl.load(tap + kf * C * C, mask=wmask, other=0.0).to(tl.float32) * h0[None, :]
+        acc += tl.load(tap + (3 + kf) * C * C, mask=wmask, other=0.0).to(tl.float32) * h1[None, :]
+        acc += tl.load(tap + (6 + kf) * C * C, mask=wmask, other=0.0).to(tl.float32) * h2[None, :]
+    v = tl.sum(acc, axis=1) + tl.load(b2_ptr + co, mask=omask, other=0.0).to(tl.float32)
+    bv = _silu(v, dtype).to(dtype).to(tl.float32)[:, None]
+    lo, hi = _halves(_wrows(lin_ptr + m * C * J, co, omask, jj, jmask, J))
+    return tl.sum(lo * bv, axis=0), tl.sum(hi * bv, axis=0)
+
+
+@triton.jit
+def _front_x(acc_row, lb_ptr, SYNC_WAIT: tl.constexpr, bar_ptr, jj, jmask, dtype: tl.constexpr, NP: tl.constexpr,
+             BLOCK_J: tl.constexpr):  # fmt: skip
+    """The front end's output x (even and odd halves) from its accumulators and the Linear's bias, after its barrier
+    if SYNC_WAIT, rounded to dtype."""
+    if SYNC_WAIT:
+        _wait(bar_ptr, NP)
+    awc: tl.constexpr = 2 * BLOCK_J + 2
+    be, bo = _halves_of(lb_ptr, jj, jmask)
+    xe = (_sum_copies(acc_row, 0, BLOCK_J, awc) + be).to(dtype).to(tl.float32)
+    xo = (_sum_copies(acc_row, BLOCK_J, BLOCK_J, awc) + bo).to(dtype).to(tl.float32)
+    return xe, xo
+
+
+@triton.jit
+def _write_front_caches(feats_row, c1_row, c2_row, mean_ptr, istd_ptr, w1_ptr, b1_ptr, q, ci, cmask, M, M1,
+                        NP: tl.constexpr, BLOCK_M: tl.constexpr, dtype: tl.constexpr):  # fmt: skip
+    """The new front-end cache rows, once every program has read the old ones (after the front end's barrier): conv1's
+    the last normalized feature frame (program 0), conv2's the last conv1 output row (mel column c by program
+    c % NP)."""
+    if q == 0:
+        mm = tl.arange(0, BLOCK_M)
+        last = tl.full((BLOCK_M,), 4, tl.int32)  # h1 row 4: feature frame 3
+        h = _h1(feats_row, c1_row, mean_ptr, istd_ptr, last, mm, mm < M, M, dtype)
+        tl.store(c1_row + mm, h.to(c1_row.dtype.element_ty), mask=mm < M)
+    for c in range(q, M1, NP):
+        a = _conv1_at(feats_row, c1_row, mean_ptr, istd_ptr, w1_ptr, b1_ptr, ci, cmask, 1, c, M, M1, dtype)
+        tl.store(c2_row + ci * M1 + c, a.to(c2_row.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _frame_kernel(feats_ptr, out_ptr, slots_ptr, c1_ptr, c2_ptr, conv_ptr, ssm_ptr, mean_ptr, istd_ptr, w1_ptr, b1_ptr,
+                  w2_ptr, b2_ptr, lin_ptr, lb_ptr, norm_ptr, in_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, dskip_ptr,
+                  gnorm_ptr, outw_ptr, normf_ptr, hw_ptr, hb_ptr, acc_ptr, bar_ptr, S, first, last, eps, M, M1,
                   NL: tl.constexpr, D: tl.constexpr, H: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
-                  G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, SYNC: tl.constexpr):  # fmt: skip
-    """Phases first .. last of stream b = program_id(1) (module docstring): phase l loads layer l's tiles, then
-    finishes layer l - 1 (after its barrier if SYNC) and runs layer l; phase NL ends with the head. in_ptr, hw_ptr
-    and outw_ptr (out_proj transposed) point at those weights as column pairs; acc_ptr at (B, NL, _COPIES,
-    2 BLOCK_J + 2) float32, bar_ptr at (B, NL) int32."""
+                  G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, M2: tl.constexpr,
+                  BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, CB: tl.constexpr,
+                  SYNC: tl.constexpr):  # fmt: skip
+    """Phases first .. last of stream b = program_id(1) (module docstring): phase -1 is the front end; phase l loads
+    layer l's tiles, then finishes the front end (l = 0, after its barrier if SYNC) or layer l - 1 and runs layer l;
+    phase NL ends with the head. lin_ptr, in_ptr, hw_ptr and outw_ptr (out_proj transposed) point at those weights
+    as column pairs; acc_ptr at (B, NL + 1, _COPIES, 2 BLOCK_J + 2) float32 (the front end's last), bar_ptr at
+    (B, NL + 1) int32."""
     q, b = tl.program_id(0), tl.program_id(1)
     n_rb: tl.constexpr = (P + BLOCK_P - 1) // BLOCK_P
     NP: tl.constexpr = H * n_rb
@@ -195,25 +304,47 @@ def _frame_kernel(x_ptr, out_ptr, slots_ptr, conv_ptr, ssm_ptr, norm_ptr, in_ptr
     CD: tl.constexpr = DI + 2 * G * N
     J: tl.constexpr = D // 2
     AW: tl.constexpr = _COPIES * (2 * BLOCK_J + 2)  # a layer's accumulator rows
+    NCB: tl.constexpr = (C + CB - 1) // CB  # conv2 channel blocks
     h = q // n_rb
     grp = h // (H // G)
     is_writer = q % (n_rb * (H // G)) == 0  # the group's first program: it shifts the B and C cache rows
-    dtype = x_ptr.dtype.element_ty
+    dtype = out_ptr.dtype.element_ty
     jj = tl.arange(0, BLOCK_J)
     jmask = jj < J
     rp = (q % n_rb) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = rp < P
     nn = tl.arange(0, BLOCK_N)
     nmask = nn < N
+    ci = tl.arange(0, BLOCK_C)
+    cmask = ci < C
     xch, bch, cch = h * P + rp, DI + grp * N + nn, DI + (G + grp) * N + nn  # conv channels
     slot = tl.load(slots_ptr + b)
-    accs, bars = acc_ptr + b * NL * AW, bar_ptr + b * NL  # the stream's
-    xe, xo = _halves_of(x_ptr + b * D, jj, jmask)
-    for layer in range(0, first - 1):  # launched phase by phase: the residual adds before phase first - 1's
-        xe, xo = _add_mixer(xe, xo, accs + layer * AW, False, bars, eps, dtype, NP, DI, BLOCK_J)
+    accs, bars = acc_ptr + b * (NL + 1) * AW, bar_ptr + b * (NL + 1)  # the stream's
+    feats_row, c1_row, c2_row = feats_ptr + b * 4 * M, c1_ptr + slot * M, c2_ptr + slot * C * M1
+    if first < 0:  # the front end: conv2 at mel position m for channel block cb, and its share of the Linear
+        pe = tl.zeros((BLOCK_J,), tl.float32)
+        po = tl.zeros((BLOCK_J,), tl.float32)
+        for item in range(q, M2 * NCB, NP):
+            e, o = _front_item(feats_row, c1_row, c2_row, mean_ptr, istd_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                               lin_ptr, item // NCB, item % NCB, ci, cmask, jj, jmask, M, M1, C, J, CB, BLOCK_C,
+                               dtype)  # fmt: skip
+            pe += e
+            po += o
+        if q < M2 * NCB:
+            fe_row = accs + NL * AW + (q % _COPIES) * (2 * BLOCK_J + 2)
+            tl.atomic_add(fe_row + jj, pe, sem="relaxed")
+            tl.atomic_add(fe_row + BLOCK_J + jj, po, sem="relaxed")
+        if SYNC:
+            _arrive(bars + NL)
+    xe = tl.zeros((BLOCK_J,), tl.float32)
+    xo = tl.zeros((BLOCK_J,), tl.float32)
+    if first > 0:  # launched phase by phase: x, then the residual adds before phase first - 1's
+        xe, xo = _front_x(accs + NL * AW, lb_ptr, False, bars + NL, jj, jmask, dtype, NP, BLOCK_J)
+        for layer in range(0, first - 1):
+            xe, xo = _add_mixer(xe, xo, accs + layer * AW, False, bars, eps, dtype, NP, DI, BLOCK_J)
     bc_rows = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # layer l - 1's new B and C cache rows (the writer's)
     cc_rows = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for phase in range(first, last + 1):
+    for phase in range(tl.maximum(first, 0), last + 1):
         layer = tl.minimum(phase, NL - 1)  # the last phase loads (and leaves) the last layer's tiles
         w_in = in_ptr + layer * (DI + CD + H) * J
         w_z = _wrows(w_in, h * P + rp, pmask, jj, jmask, J)
@@ -251,6 +382,8 @@ def _frame_kernel(x_ptr, out_ptr, slots_ptr, conv_ptr, ssm_ptr, norm_ptr, in_ptr
                 bc_prev = _new_cache(vb, _taps(c_prev, cw_ptr, bch, nmask, K, BLOCK_K)[1], K, BLOCK_K)
                 cc_prev = _new_cache(vc, _taps(c_prev, cw_ptr, cch, nmask, K, BLOCK_K)[1], K, BLOCK_K)
             xe, xo = _add_mixer(xe, xo, accs + (phase - 1) * AW, SYNC, bars + phase - 1, eps, dtype, NP, DI, BLOCK_J)
+        else:
+            xe, xo = _front_x(accs + NL * AW, lb_ptr, SYNC, bars + NL, jj, jmask, dtype, NP, BLOCK_J)
         if phase < NL:
             he, ho = _rms(xe, xo, nw_e, nw_o, eps, dtype, D)
             z = _matvec(w_z, he, ho, dtype)
@@ -281,6 +414,9 @@ def _frame_kernel(x_ptr, out_ptr, slots_ptr, conv_ptr, ssm_ptr, norm_ptr, in_ptr
             _store_cache(cache, xch, pmask, x_rows, K, BLOCK_K)
             if phase > 0:
                 _write_bc(conv_ptr, phase - 1, S, slot, is_writer, bch, cch, nmask, bc_prev, cc_prev, CD, K, BLOCK_K)
+            else:
+                _write_front_caches(feats_row, c1_row, c2_row, mean_ptr, istd_ptr, w1_ptr, b1_ptr, q, ci, cmask, M,
+                                    M1, NP, BLOCK_M, dtype)  # fmt: skip
         else:
             _write_bc(conv_ptr, phase - 1, S, slot, is_writer, bch, cch, nmask, bc_prev, cc_prev, CD, K, BLOCK_K)
             if q == 0:
@@ -307,15 +443,15 @@ def block_p_for(w: EncoderWeights, streams: int, device: torch.device) -> int | 
     return block_p
 
 
-def takes(x: torch.Tensor, w: EncoderWeights) -> bool:
-    """Whether `frame_step` takes x (B, L, D): one frame (L = 1), D even, float32 or bfloat16, and a grid for B
-    streams that fits on the device."""
+def takes(feats: torch.Tensor, w: EncoderWeights) -> bool:
+    """Whether `frame_step` takes feats (B, 4 L, n_mels): one encoder frame (L = 1), the model in float32 or bfloat16
+    with d_model even, and a grid for B streams that fits on the device."""
     return (
-        x.dim() == 3
-        and x.shape[1] == 1
-        and x.shape[2] % 2 == 0
-        and x.dtype in _DTYPES
-        and block_p_for(w, x.shape[0], x.device) is not None
+        feats.dim() == 3
+        and feats.shape[1] == SUBSAMPLING
+        and w.norm.shape[1] % 2 == 0
+        and w.norm.dtype in _DTYPES
+        and block_p_for(w, feats.shape[0], feats.device) is not None
     )
 
 
@@ -324,9 +460,32 @@ def _packed(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int32 if t.dtype == torch.bfloat16 else torch.int64)
 
 
+def _check_args(feats, w, conv1, conv2, conv, ssm, slots) -> None:
+    """Raise ValueError unless the arguments fit together (the front end's and the encoder's checks)."""
+    f = w.front
+    names = ("conv1_weight", "conv1_bias", "conv2_weight", "conv2_bias", "out_weight", "out_bias")
+    front = {name: getattr(f, name) for name in names}
+    _check_shapes(feats, conv1, conv2, slots, f.cmvn_mean, f.cmvn_istd, front)
+    _check_types(feats, conv1, conv2, slots, f.cmvn_mean, f.cmvn_istd, front)
+    if feats.shape[1] != SUBSAMPLING or w.norm.shape[1] % 2 or w.norm.dtype not in _DTYPES:
+        raise ValueError(
+            f"frame_step takes one encoder frame a stream, feats (B, {SUBSAMPLING}, n_mels), of a float32 or bfloat16 "
+            f"model with d_model even; got feats {tuple(feats.shape)}, a {w.norm.dtype} model of d_model "
+            f"{w.norm.shape[1]}"
+        )
+    _check(f.out_bias.expand(feats.shape[0], 1, -1), w, conv, ssm, slots)  # the front end's output (B, 1, D)
+    if conv1.shape[0] != conv.shape[1] or not (conv1.is_contiguous() and conv2.is_contiguous()):
+        raise ValueError(f"the front-end pools must be contiguous with the layers' {conv.shape[1]} slots, got "
+                         f"{tuple(conv1.shape)} and {tuple(conv2.shape)}")  # fmt: skip
+    if f.out_bias.shape[0] != w.norm.shape[1] or feats.device != f.out_bias.device:
+        raise ValueError("the front end's weights must give d_model and share the device")
+
+
 def frame_step(
-    x: torch.Tensor,
+    feats: torch.Tensor,
     w: EncoderWeights,
+    conv1: torch.Tensor,
+    conv2: torch.Tensor,
     conv: torch.Tensor,
     ssm: torch.Tensor,
     slots: torch.Tensor,
@@ -335,42 +494,45 @@ def frame_step(
     block_p: int | None = None,
     num_warps: int = _WARPS,
 ) -> torch.Tensor:
-    """The Triton form of `frame_step_ref`: logits (B, 1, V) in x's dtype, the pool rows `slots` advanced in place.
-    `check=False` skips `check_slots` (no device sync; the caller vouches, as under CUDA graph capture).
+    """The Triton form of `frame_step_ref`: logits (B, 1, V) in the model dtype, the pool rows `slots` advanced in
+    place. `check=False` skips `check_slots` (no device sync; the caller vouches, as under CUDA graph capture).
     `persistent` (default: except in the interpreter) runs one launch with grid barriers, else a launch a phase.
     `block_p` (default `block_p_for`): state rows a program, a power of two."""
-    _check(x, w, conv, ssm, slots)
-    if x.shape[1] != 1 or x.shape[2] % 2 or x.dtype not in _DTYPES:
-        raise ValueError(
-            f"frame_step takes one frame a stream, x (B, 1, D) with D even, float32 or bfloat16; got "
-            f"{tuple(x.shape)} {x.dtype}"
-        )
+    _check_args(feats, w, conv1, conv2, conv, ssm, slots)
     if check:
         check_slots(slots, conv.shape[1])
     persistent = not _interpreting() if persistent is None else persistent
-    b, _, d = x.shape
+    b, _, m = feats.shape
     nl, s, h, p, n = ssm.shape
-    block_p = block_p if block_p is not None else block_p_for(w, b, x.device)
+    d, c = w.norm.shape[1], w.front.conv1_weight.shape[0]
+    block_p = block_p if block_p is not None else block_p_for(w, b, feats.device)
     if block_p is None or block_p < 1 or block_p & (block_p - 1):
         raise ValueError(f"block_p must be a power of two (or {b} streams fit no grid on this device), got {block_p}")
     n_programs = h * triton.cdiv(p, block_p)
-    if persistent and x.device.type == "cuda" and b * n_programs > _sm_count(x.device):
-        raise ValueError(f"{b} x {n_programs} programs do not fit on {_sm_count(x.device)} SMs at once")
+    if persistent and feats.device.type == "cuda" and b * n_programs > _sm_count(feats.device):
+        raise ValueError(f"{b} x {n_programs} programs do not fit on {_sm_count(feats.device)} SMs at once")
     k, v = w.conv_weight.shape[2], w.head_weight.shape[0]
     block_j = triton.next_power_of_2(d // 2)
-    n_acc = b * nl * _COPIES * (2 * block_j + 2)
-    work = torch.zeros(n_acc + b * nl, device=x.device, dtype=torch.int32)  # one memset: accumulators, counters
-    out = torch.empty(b, 1, v, device=x.device, dtype=x.dtype)
+    n_acc = b * (nl + 1) * _COPIES * (2 * block_j + 2)
+    work = torch.zeros(n_acc + b * (nl + 1), device=feats.device, dtype=torch.int32)  # accumulators, counters
+    out = torch.empty(b, 1, v, device=feats.device, dtype=w.norm.dtype)
+    m1, m2 = halved(m), halved(halved(m))
+    # conv2 channels an item: the fewest (a power of two) for which the M2 x C / CB items fit the programs
+    cb = min(max(4, triton.next_power_of_2(triton.cdiv(c * m2, n_programs))), max(4, triton.next_power_of_2(c)))
     consts = dict(
-        NL=nl, D=d, H=h, P=p, N=n, G=w.n_groups, K=k, V=v, BLOCK_J=block_j, BLOCK_P=block_p,
+        NL=nl, D=d, H=h, P=p, N=n, G=w.n_groups, K=k, V=v, C=c, M2=m2, BLOCK_J=block_j, BLOCK_P=block_p,
         BLOCK_N=triton.next_power_of_2(n), BLOCK_K=triton.next_power_of_2(k - 1),
-        BLOCK_V=triton.next_power_of_2(v), num_warps=num_warps,
+        BLOCK_V=triton.next_power_of_2(v), BLOCK_C=triton.next_power_of_2(c), BLOCK_M=triton.next_power_of_2(m),
+        CB=cb, num_warps=num_warps,
     )  # fmt: skip
+    f = w.front
+    front = (f.cmvn_mean, f.cmvn_istd, f.conv1_weight, f.conv1_bias, f.conv2_taps, f.conv2_bias,
+             _packed(f.out_by_mel), f.out_bias)  # fmt: skip
     tensors = [t.contiguous() for t in w.tensors()]
     tensors[1], tensors[8], tensors[10] = _packed(w.in_proj), _packed(w.out_proj_t), _packed(w.head_weight)
-    args = (x.contiguous(), out, slots.contiguous(), conv, ssm, *tensors, work[:n_acc].view(torch.float32),
-            work[n_acc:], s)  # fmt: skip
-    phases = [(0, nl)] if persistent else [(i, i) for i in range(nl + 1)]
+    args = (feats.contiguous(), out, slots.contiguous(), conv1, conv2, conv, ssm, *(t.contiguous() for t in front),
+            *tensors, work[:n_acc].view(torch.float32), work[n_acc:], s)  # fmt: skip
+    phases = [(-1, nl)] if persistent else [(i, i) for i in range(-1, nl + 1)]
     for first, last in phases:
-        _frame_kernel[(n_programs, b)](*args, first, last, w.eps, SYNC=persistent, **consts)
+        _frame_kernel[(n_programs, b)](*args, first, last, w.eps, m, m1, SYNC=persistent, **consts)
     return out

@@ -59,7 +59,7 @@ bf16, held in the CUDA graphs' shared memory pool.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ import triton.language as tl
 from asr.ssm import causal_time_pad, halved
 from kernels.step import _interpreting, _sm_count, check_slots
 
-__all__ = ["frontend_step", "frontend_step_ref", "MAX_FRAMES"]
+__all__ = ["FrontEndWeights", "frontend_step", "frontend_step_ref", "MAX_FRAMES"]
 
 MAX_FRAMES = 16  # output frames per call (L is a constexpr)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -83,6 +83,34 @@ _CONV1_ROWS, _CONV_WARPS, _CONV_STAGES = 2, 4, 1
 # a thread (2 programs an SM, ncu) and 8 warps took 9-12 % less time at B = 1,024 and 4,096 (bench/frontend_plan.py,
 # BENCHMARKS.md session 10)
 _CONV_WARPS_MANY_STREAMS = 8
+
+
+@dataclass(frozen=True)
+class FrontEndWeights:
+    """The front end's weights and CMVN statistics, as `frontend_step` takes them (`ASRModel.encoder_weights`), with
+    two reordered copies made once for `kernels/frame_step.py`. Shapes as in the module docstring."""
+
+    cmvn_mean: torch.Tensor  # (M,)
+    cmvn_istd: torch.Tensor  # (M,)
+    conv1_weight: torch.Tensor  # (C, 1, 3, 3)
+    conv1_bias: torch.Tensor  # (C,)
+    conv2_weight: torch.Tensor  # (C, C, 3, 3)
+    conv2_bias: torch.Tensor  # (C,)
+    out_weight: torch.Tensor  # (D, C M2)
+    out_bias: torch.Tensor  # (D,)
+    conv2_taps: torch.Tensor = field(init=False)  # (9, C, C): [3 kt + kf, co, ci] = conv2_weight[co, ci, kt, kf]
+    out_by_mel: torch.Tensor = field(init=False)  # (M2, C, D): [m, c] = out_weight[:, c M2 + m]
+
+    def __post_init__(self) -> None:
+        c, d = self.conv1_weight.shape[0], self.out_weight.shape[0]
+        object.__setattr__(self, "conv2_taps", self.conv2_weight.permute(2, 3, 0, 1).reshape(9, c, c).contiguous())
+        by_mel = self.out_weight.reshape(d, c, -1).permute(2, 1, 0).contiguous()
+        object.__setattr__(self, "out_by_mel", by_mel)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The arguments of `frontend_step` after the pools and slots, in its order."""
+        return (self.cmvn_mean, self.cmvn_istd, self.conv1_weight, self.conv1_bias, self.conv2_weight,
+                self.conv2_bias, self.out_weight, self.out_bias)  # fmt: skip
 
 
 def frontend_step_ref(

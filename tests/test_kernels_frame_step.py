@@ -1,5 +1,5 @@
-"""The one-frame encoder step (`kernels.frame_step.frame_step`) against `frame_step_ref`, and through
-`ASRModel.chunk(..., weights=)`.
+"""The one-frame step of the whole model (`kernels.frame_step.frame_step`: log-mel to logits) against
+`frame_step_ref`, and through `ASRModel.chunk(..., weights=)`.
 
 CPU tests run the kernel in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py), which launches it phase
 by phase: a spinning grid barrier cannot run there. `test_kernel_compiles_for_hopper` compiles the one-launch form
@@ -13,6 +13,7 @@ import os
 import secrets
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,22 +24,64 @@ from triton.compiler import ASTSource
 import kernels.frame_step
 from asr.features import N_MELS
 from asr.model import ASRModel, Impl, ModelDimensions
-from kernels.encoder_step import stacked_pool
+from kernels.encoder_step import EncoderWeights, stacked_pool
 from kernels.frame_step import frame_step, frame_step_ref
+from kernels.frontend import FrontEndWeights
 from tests.conftest import TINY
-from tests.test_kernels_encoder_step import SMALL, _rel, pad_rows_share_a_spare_slot
-from tests.test_kernels_encoder_step import _check as check_step
+from tests.test_kernels_encoder_step import SMALL, _model, _rel
+from tests.test_kernels_encoder_step import _float32 as float32_layers
 
 # every tile masked: d_model / 2, head_dim and d_state below their powers of two; two heads a group, conv width 3
 MASKED = ModelDimensions(d_model=24, n_layers=2, d_state=12, head_dim=12, n_groups=2, d_conv=3, frontend_channels=4)
 POOL = 6
+POOL_NAMES = ("conv1 cache", "conv2 cache", "conv cache", "ssm state")
+
+
+def _random_pools(model: ASRModel, seed: int, device: str, pool: int) -> tuple[torch.Tensor, ...]:
+    """frame_step's pools (the front end's conv1 and conv2 caches, the layers' stacked conv and ssm) of random
+    contents, the same for the same seed."""
+    state = model.init_state(pool, device)
+    gen = torch.Generator().manual_seed(seed)
+    for t in state.tensors():
+        t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))
+    layers = state.layers
+    conv, ssm = stacked_pool([s.conv for s in layers]), stacked_pool([s.ssm for s in layers])
+    return state.frontend.conv1, state.frontend.conv2, conv, ssm
+
+
+def _float32(w: EncoderWeights) -> EncoderWeights:
+    return replace(float32_layers(w), front=FrontEndWeights(*(t.float() for t in w.front.tensors())))
 
 
 def _check(seed: int, dims: ModelDimensions, b: int, dtype: torch.dtype, tol: float, device: str = "cpu",
            pool: int = POOL, calls: int = 2, **kwargs) -> None:  # fmt: skip
-    """`calls` chained one-frame steps of frame_step on b streams against frame_step_ref: logits and both pools, the
-    rows outside the slots untouched (the check of `tests/test_kernels_encoder_step.py`)."""
-    check_step(seed, dims, b, 1, dtype, tol, device, pool, calls, frame_step, frame_step_ref, **kwargs)
+    """`calls` chained one-frame steps of frame_step on b streams (random slots, random log-mel) against
+    frame_step_ref on the same random model and pools: logits and every pool within relative error tol, the slots
+    outside untouched. In bfloat16, tol bounds the kernel's distance from float32 math over the bf16 reference's."""
+    model = _model(seed, dims, dtype, device)
+    w = model.encoder_weights()
+    mine = _random_pools(model, seed, device, pool)
+    ref, exact = tuple(t.clone() for t in mine), tuple(t.to(torch.float32, copy=True) for t in mine)
+    before = tuple(t.clone() for t in mine)
+    gen = torch.Generator().manual_seed(seed + 1)
+    slots = torch.randperm(pool, generator=gen)[:b].to(device)
+    what = f"seed {seed}, {dims}, b {b}, {dtype}, {kwargs}"
+    for call in range(calls):
+        feats = (3 * torch.randn(b, 4, N_MELS, generator=gen) - 8).to(device)  # raw log-mel range
+        with torch.inference_mode():
+            out = frame_step(feats, w, *mine, slots, **kwargs)
+            expected = frame_step_ref(feats, w, *ref, slots)
+            exact32 = frame_step_ref(feats, _float32(w), *exact, slots)
+        assert out.shape == (b, 1, dims.vocab_size) and out.dtype == dtype, what
+        named = zip(("logits", *POOL_NAMES), (out, *mine), (expected, *ref), (exact32, *exact), strict=True)
+        for name, got, theirs, best in named:
+            bound = tol if dtype == torch.float32 else tol * max(_rel(theirs, best), 1e-3)
+            error = _rel(got, theirs) if dtype == torch.float32 else _rel(got, best)
+            assert error < bound, f"call {call}: {name} {error:.2e} (bound {bound:.2e}), {what}"
+    others = [s for s in range(pool) if s not in slots.tolist()]
+    for name, t, old, front in zip(POOL_NAMES, mine, before, (True, True, False, False), strict=True):
+        same = torch.equal(t[others], old[others]) if front else torch.equal(t[:, others], old[:, others])
+        assert same, f"{name} changed outside the slots, {what}"
 
 
 @pytest.mark.parametrize(
@@ -59,42 +102,40 @@ def test_matches_ref_bf16() -> None:
 
 def _bad_cases(model: ASRModel):
     w = model.encoder_weights()
-    state = model.init_state(POOL)
-    conv, ssm = stacked_pool([s.conv for s in state.layers]), stacked_pool([s.ssm for s in state.layers])
-    x = torch.randn(2, 1, model.dims.d_model)
-    slots = torch.tensor([0, 1])
-    yield "two frames", (x.repeat(1, 2, 1), w, conv, ssm, slots), {}, "one frame a stream"
+    pools = _random_pools(model, 0, "cpu", POOL)
+    feats, slots = torch.randn(2, 4, N_MELS), torch.tensor([0, 1])
+    yield "two frames", (feats.repeat(1, 2, 1), w, *pools, slots), {}, "one encoder frame a stream"
+    yield "float64 feats", (feats.double(), w, *pools, slots), {}, "feats must be float32"
+    yield "mels", (feats[:, :, :-1], w, *pools, slots), {}, "must have shape"
     half = ASRModel(model.dims).to(torch.float16)
-    state16 = half.init_state(POOL)
-    conv16 = stacked_pool([s.conv for s in state16.layers])
-    ssm16 = stacked_pool([s.ssm for s in state16.layers])
-    yield "float16", (x.half(), half.encoder_weights(), conv16, ssm16, slots), {}, "float32 or bfloat16"
-    yield "block_p", (x, w, conv, ssm, slots), {"block_p": 6}, "power of two"
-    yield "slots", (x, w, conv, ssm, torch.tensor([1, 1])), {}, "distinct"
+    yield "float16", (feats, half.encoder_weights(), *_random_pools(half, 0, "cpu", POOL), slots), {}, "bfloat16 model"
+    small = _random_pools(model, 0, "cpu", 2)
+    yield "front pools", (feats, w, *small[:2], *pools[2:], slots), {}, "front-end pools"
+    yield "block_p", (feats, w, *pools, slots), {"block_p": 6}, "power of two"
+    yield "slots", (feats, w, *pools, torch.tensor([1, 1])), {}, "distinct"
 
 
 @pytest.mark.parametrize("case", list(_bad_cases(ASRModel(TINY))), ids=lambda c: c[0])
 def test_bad_arguments(case) -> None:
     """A clear ValueError, and the pools untouched."""
     _, args, kwargs, message = case
-    before = [args[2].clone(), args[3].clone()]
+    before = [t.clone() for t in args[2:6]]
     with pytest.raises(ValueError, match=message):
         frame_step(*args, **kwargs)
-    assert torch.equal(args[2], before[0]) and torch.equal(args[3], before[1])
+    assert all(torch.equal(a, b) for a, b in zip(args[2:6], before, strict=True))
 
 
 def test_takes_one_frame_of_half_or_full_precision() -> None:
-    model = ASRModel(TINY)
-    w = model.encoder_weights()
-    assert kernels.frame_step.takes(torch.zeros(3, 1, 32), w)
-    assert not kernels.frame_step.takes(torch.zeros(3, 2, 32), w)
-    assert not kernels.frame_step.takes(torch.zeros(3, 1, 32, dtype=torch.float16), w)
+    w = ASRModel(TINY).encoder_weights()
+    assert kernels.frame_step.takes(torch.zeros(3, 4, N_MELS), w)
+    assert not kernels.frame_step.takes(torch.zeros(3, 8, N_MELS), w)
+    assert not kernels.frame_step.takes(torch.zeros(3, 4, N_MELS), ASRModel(TINY).half().encoder_weights())
 
 
 @torch.inference_mode()
 def test_model_chunk_of_one_frame_takes_frame_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """ASRModel.chunk with the model's stacked weights steps one-frame chunks by frame_step (chunks of more frames by
-    the tl.dot form), and equals the PyTorch path over the chained chunks."""
+    the Triton front end and the tl.dot form), and equals the PyTorch path over the chained chunks."""
     seed = secrets.randbits(32)
     torch.manual_seed(seed)
     model = ASRModel(TINY).eval()
@@ -103,26 +144,26 @@ def test_model_chunk_of_one_frame_takes_frame_step(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(kernels.frame_step, "frame_step", lambda *a, **k: calls.append(1) or step(*a, **k))
     slots, weights = torch.tensor([2, 0]), model.encoder_weights()
     fused, plain = model.init_state(3), model.init_state(3)
-    feats = torch.randn(2, 4 * 4, N_MELS)
+    feats = 3 * torch.randn(2, 4 * 4, N_MELS) - 8
     bounds = ((0, 4), (4, 12), (12, 16))  # 1, 2 and 1 encoder frames
     out = [model.chunk(feats[:, i:j], fused, slots, impl=Impl.STEP, weights=weights)[0] for i, j in bounds]
     ref = model.chunk(feats, plain, slots, impl=Impl.TORCH)[0]
     assert _rel(torch.cat(out, 1), ref) < 1e-4, f"seed {seed}"
-    for mine, theirs in zip(fused.layers, plain.layers, strict=True):
-        assert _rel(mine.ssm, theirs.ssm) < 1e-4 and _rel(mine.conv, theirs.conv) < 1e-4, f"seed {seed}"
+    for mine, theirs in zip(fused.tensors(), plain.tensors(), strict=True):
+        assert _rel(mine, theirs) < 1e-4, f"seed {seed}"
     assert len(calls) == 2
 
 
 def compile_for_hopper() -> None:
     """Compile the one-launch kernel (grid barriers included) for sm_90 at the default model's shapes, bf16."""
     kernel = kernels.frame_step._frame_kernel
-    consts = dict(NL=12, D=256, H=8, P=64, N=64, G=1, K=4, V=29, BLOCK_J=128, BLOCK_P=4, BLOCK_N=64, BLOCK_K=4,
-                  BLOCK_V=32, SYNC=True)  # fmt: skip
-    pairs = {"in_ptr", "outw_ptr", "hw_ptr"}
+    consts = dict(NL=12, D=256, H=8, P=64, N=64, G=1, K=4, V=29, C=64, M2=20, BLOCK_J=128, BLOCK_P=4, BLOCK_N=64,
+                  BLOCK_K=4, BLOCK_V=32, BLOCK_C=64, BLOCK_M=128, CB=16, SYNC=True)  # fmt: skip
+    pairs = {"lin_ptr", "in_ptr", "outw_ptr", "hw_ptr"}
     signature = {
         n: "constexpr" if n in consts else "*i64" if n == "slots_ptr" else "*i32" if n in pairs | {"bar_ptr"}
-        else "*fp32" if n in {"ssm_ptr", "acc_ptr"} else "*bf16" if n.endswith("_ptr") else "fp32" if n == "eps"
-        else "i32"
+        else "*fp32" if n in {"feats_ptr", "ssm_ptr", "acc_ptr"} else "*bf16" if n.endswith("_ptr")
+        else "fp32" if n == "eps" else "i32"
         for n in kernel.arg_names
     }  # fmt: skip
     src = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(c),): v for c, v in consts.items()})
@@ -160,4 +201,19 @@ def test_gpu_small_shapes(dims: ModelDimensions, b: int, block_p: int | None) ->
 
 @pytest.mark.gpu
 def test_gpu_pad_rows_share_a_spare_slot() -> None:
-    pad_rows_share_a_spare_slot(frame_step, frames=1)
+    """As the CUDA-graph stepper pads a batch: two streams and two pad rows on one spare slot, in one launch. The
+    streams' rows match the reference, and no slot but theirs and the spare one changes."""
+    seed = secrets.randbits(32)
+    model = _model(seed, ModelDimensions(), torch.float32, "cuda")
+    w = model.encoder_weights()
+    mine = _random_pools(model, seed, "cuda", 8)
+    ref, before = tuple(t.clone() for t in mine), tuple(t.clone() for t in mine)
+    feats = 3 * torch.randn(4, 4, N_MELS, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)) - 8
+    with torch.inference_mode():
+        out = frame_step(feats, w, *mine, torch.tensor([5, 1, 7, 7], device="cuda"), check=False)
+        expected = frame_step_ref(feats[:2], w, *ref, torch.tensor([5, 1], device="cuda"))
+    assert _rel(out[:2], expected) < 1e-4, f"seed {seed}"
+    for name, t, theirs, old, front in zip(POOL_NAMES, mine, ref, before, (True, True, False, False), strict=True):
+        rows = (lambda a, i: a[i]) if front else (lambda a, i: a[:, i])
+        assert _rel(rows(t, [5, 1]), rows(theirs, [5, 1])) < 1e-4, f"{name}, seed {seed}"
+        assert torch.equal(rows(t, [0, 2, 3, 4, 6]), rows(old, [0, 2, 3, 4, 6])), f"{name}, seed {seed}"
