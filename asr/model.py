@@ -146,6 +146,12 @@ class EncoderState:
         return self
 
 
+def _layer_pools(state: EncoderState) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layers' conv caches and SSM states as the one-launch kernels take them: (NL, S, ...) each, no copy."""
+    layers = state.layers
+    return triton_encoder.stacked_pool([s.conv for s in layers]), triton_encoder.stacked_pool([s.ssm for s in layers])
+
+
 def _in_pieces(fn, x: torch.Tensor, n: int) -> torch.Tensor:
     """fn over x (B, T, ...) in consecutive pieces of at most n steps along T, joined along T (one piece: no copy).
     Exact for the streaming kernels, which carry their state from one piece to the next."""
@@ -484,17 +490,14 @@ class ASRModel(nn.Module):
     def _step_frame(feats: torch.Tensor, state: EncoderState, rows: torch.Tensor, w: EncoderWeights) -> torch.Tensor:
         """feats (B, 4, n_mels) raw float32 log-mel -> logits (B, 1, V): the whole model in one launch, as
         matrix-vector products (`kernels/frame_step.py`)."""
-        conv = triton_encoder.stacked_pool([layer.conv for layer in state.layers])
-        ssm = triton_encoder.stacked_pool([layer.ssm for layer in state.layers])
         front = state.frontend
-        return triton_frame.frame_step(feats, w, front.conv1, front.conv2, conv, ssm, rows, check=False)
+        return triton_frame.frame_step(feats, w, front.conv1, front.conv2, *_layer_pools(state), rows, check=False)
 
     @staticmethod
     def _step_encoder(x: torch.Tensor, state: EncoderState, rows: torch.Tensor, w: EncoderWeights) -> torch.Tensor:
         """x (B, L, d_model) -> logits (B, L, V) in one launch (after the Triton front end) by
         `kernels/encoder_step.py`, MAX_ROWS // B frames a launch."""
-        conv = triton_encoder.stacked_pool([layer.conv for layer in state.layers])
-        ssm = triton_encoder.stacked_pool([layer.ssm for layer in state.layers])
+        conv, ssm = _layer_pools(state)
 
         def piece(xs: torch.Tensor) -> torch.Tensor:
             return triton_encoder.encoder_step(xs, w, conv, ssm, rows, check=False)

@@ -473,12 +473,12 @@ def _check_args(feats, w, conv1, conv2, conv, ssm, slots) -> None:
             f"model with d_model even; got feats {tuple(feats.shape)}, a {w.norm.dtype} model of d_model "
             f"{w.norm.shape[1]}"
         )
+    if f.out_bias.shape[0] != w.norm.shape[1] or feats.device != f.out_bias.device:
+        raise ValueError("the front end's weights must give d_model and share the device")
     _check(f.out_bias.expand(feats.shape[0], 1, -1), w, conv, ssm, slots)  # the front end's output (B, 1, D)
     if conv1.shape[0] != conv.shape[1] or not (conv1.is_contiguous() and conv2.is_contiguous()):
         raise ValueError(f"the front-end pools must be contiguous with the layers' {conv.shape[1]} slots, got "
                          f"{tuple(conv1.shape)} and {tuple(conv2.shape)}")  # fmt: skip
-    if f.out_bias.shape[0] != w.norm.shape[1] or feats.device != f.out_bias.device:
-        raise ValueError("the front end's weights must give d_model and share the device")
 
 
 def frame_step(

@@ -65,12 +65,20 @@ def _float32(w: EncoderWeights) -> EncoderWeights:
     return replace(w, **{name: t.float() for name, t in tensors.items() if isinstance(t, torch.Tensor)})
 
 
+def assert_within(pairs, dtype: torch.dtype, tol: float, what: str) -> None:
+    """Each (name, the kernel's, the reference's, float32 math's) within relative error tol: in float32 against the
+    reference; in bfloat16 against float32 math, tol times the reference's own distance from it (at least 1e-3),
+    since both round in their own places."""
+    for name, mine, theirs, exact in pairs:
+        bound = tol if dtype == torch.float32 else tol * max(_rel(theirs, exact), 1e-3)
+        error = _rel(mine, theirs) if dtype == torch.float32 else _rel(mine, exact)
+        assert error < bound, f"{name} {error:.2e} (bound {bound:.2e}), {what}"
+
+
 def _check(seed: int, dims: ModelDimensions, b: int, l: int, dtype: torch.dtype, tol: float, device: str = "cpu",
-           pool: int = POOL, calls: int = 1, step=encoder_step, ref=encoder_step_ref, **kwargs) -> None:  # fmt: skip
-    """`calls` chained calls of `step` (encoder_step's arguments, and kwargs) on b streams of l frames against `ref`
-    on the same random inputs: logits and both pools within relative error tol, the rows outside `slots` untouched.
-    In bfloat16, tol bounds the kernel's distance from float32 math over the bf16 reference's (both round in their
-    own places)."""
+           pool: int = POOL, **kwargs) -> None:  # fmt: skip
+    """encoder_step (with kwargs) on b streams of l frames against encoder_step_ref on the same random inputs: logits
+    and both pools within relative error tol (`assert_within`), the rows outside `slots` untouched."""
     model = _model(seed, dims, dtype, device)
     weights = model.encoder_weights()
     (conv, ssm), (conv_ref, ssm_ref), (conv32, ssm32) = _pools(model, seed, device, pool, copies=3)
@@ -79,19 +87,14 @@ def _check(seed: int, dims: ModelDimensions, b: int, l: int, dtype: torch.dtype,
     gen = torch.Generator().manual_seed(seed + 1)
     slots = torch.randperm(pool, generator=gen)[:b].to(device)
     what = f"seed {seed}, {dims}, b {b}, l {l}, {dtype}, {kwargs}"
-    for call in range(calls):
-        x = torch.randn(b, l, dims.d_model, generator=gen).to(device, dtype)
-        with torch.inference_mode():
-            out = step(x, weights, conv, ssm, slots, **kwargs)
-            expected = ref(x, weights, conv_ref, ssm_ref, slots)
-            exact32 = ref(x.float(), _float32(weights), conv32, ssm32, slots)
-        assert out.shape == (b, l, dims.vocab_size) and out.dtype == dtype, what
-        pairs = {"logits": (out, expected, exact32), "ssm state": (ssm, ssm_ref, ssm32)}
-        pairs["conv cache"] = (conv, conv_ref, conv32)
-        for name, (mine, theirs, exact) in pairs.items():
-            bound = tol if dtype == torch.float32 else tol * max(_rel(theirs, exact), 1e-3)
-            error = _rel(mine, theirs) if dtype == torch.float32 else _rel(mine, exact)
-            assert error < bound, f"call {call}: {name} {error:.2e} (bound {bound:.2e}), {what}"
+    x = torch.randn(b, l, dims.d_model, generator=gen).to(device, dtype)
+    with torch.inference_mode():
+        out = encoder_step(x, weights, conv, ssm, slots, **kwargs)
+        expected = encoder_step_ref(x, weights, conv_ref, ssm_ref, slots)
+        exact32 = encoder_step_ref(x.float(), _float32(weights), conv32, ssm32, slots)
+    assert out.shape == (b, l, dims.vocab_size) and out.dtype == dtype, what
+    pairs = [("logits", out, expected, exact32), ("ssm state", ssm, ssm_ref, ssm32)]
+    assert_within([*pairs, ("conv cache", conv, conv_ref, conv32)], dtype, tol, what)
     others = [s for s in range(pool) if s not in slots.tolist()]
     assert torch.equal(conv[:, others], before[0][:, others]) and torch.equal(ssm[:, others], before[1][:, others])
 
@@ -217,25 +220,20 @@ def test_gpu_small_shapes(dims: ModelDimensions, b: int, l: int, groups: int) ->
     _check(secrets.randbits(32), dims, b, l, torch.float32, 1e-4, device="cuda", pool=24, stream_groups=groups)
 
 
-def pad_rows_share_a_spare_slot(step, frames: int) -> None:
-    """As the CUDA-graph stepper pads a batch: two streams and two pad rows on one spare slot, in one launch of
-    `step` (encoder_step's arguments) over `frames` frames. The streams' rows match the reference, and no slot but
-    theirs and the spare one changes."""
+@pytest.mark.gpu
+def test_gpu_pad_rows_share_a_spare_slot() -> None:
+    """As the CUDA-graph stepper pads a batch: two streams and two pad rows on one spare slot, in one launch of two
+    frames. The streams' rows match the reference, and no slot but theirs and the spare one changes."""
     seed = secrets.randbits(32)
     model = _model(seed, ModelDimensions(), torch.float32, "cuda")
     weights = model.encoder_weights()
     (conv, ssm), (conv_ref, ssm_ref) = _pools(model, seed, "cuda", pool=8)
     before = (conv.clone(), ssm.clone())
-    x = torch.randn(4, frames, model.dims.d_model, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+    x = torch.randn(4, 2, model.dims.d_model, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
     with torch.inference_mode():
-        out = step(x, weights, conv, ssm, torch.tensor([5, 1, 7, 7], device="cuda"), check=False)
+        out = encoder_step(x, weights, conv, ssm, torch.tensor([5, 1, 7, 7], device="cuda"), check=False)
         ref = encoder_step_ref(x[:2], weights, conv_ref, ssm_ref, torch.tensor([5, 1], device="cuda"))
     assert _rel(out[:2], ref) < 1e-4, f"seed {seed}"
     for mine, theirs, old in ((conv, conv_ref, before[0]), (ssm, ssm_ref, before[1])):
         assert _rel(mine[:, [5, 1]], theirs[:, [5, 1]]) < 1e-4, f"seed {seed}"
         assert torch.equal(mine[:, [0, 2, 3, 4, 6]], old[:, [0, 2, 3, 4, 6]]), f"seed {seed}"
-
-
-@pytest.mark.gpu
-def test_gpu_pad_rows_share_a_spare_slot() -> None:
-    pad_rows_share_a_spare_slot(encoder_step, frames=2)

@@ -28,7 +28,7 @@ from kernels.encoder_step import EncoderWeights, stacked_pool
 from kernels.frame_step import frame_step, frame_step_ref
 from kernels.frontend import FrontEndWeights
 from tests.conftest import TINY
-from tests.test_kernels_encoder_step import SMALL, _model, _rel
+from tests.test_kernels_encoder_step import SMALL, _model, _rel, assert_within
 from tests.test_kernels_encoder_step import _float32 as float32_layers
 
 # every tile masked: d_model / 2, head_dim and d_state below their powers of two; two heads a group, conv width 3
@@ -56,8 +56,8 @@ def _float32(w: EncoderWeights) -> EncoderWeights:
 def _check(seed: int, dims: ModelDimensions, b: int, dtype: torch.dtype, tol: float, device: str = "cpu",
            pool: int = POOL, calls: int = 2, **kwargs) -> None:  # fmt: skip
     """`calls` chained one-frame steps of frame_step on b streams (random slots, random log-mel) against
-    frame_step_ref on the same random model and pools: logits and every pool within relative error tol, the slots
-    outside untouched. In bfloat16, tol bounds the kernel's distance from float32 math over the bf16 reference's."""
+    frame_step_ref on the same random model and pools: logits and every pool within relative error tol
+    (`assert_within`), the slots outside untouched."""
     model = _model(seed, dims, dtype, device)
     w = model.encoder_weights()
     mine = _random_pools(model, seed, device, pool)
@@ -74,10 +74,7 @@ def _check(seed: int, dims: ModelDimensions, b: int, dtype: torch.dtype, tol: fl
             exact32 = frame_step_ref(feats, _float32(w), *exact, slots)
         assert out.shape == (b, 1, dims.vocab_size) and out.dtype == dtype, what
         named = zip(("logits", *POOL_NAMES), (out, *mine), (expected, *ref), (exact32, *exact), strict=True)
-        for name, got, theirs, best in named:
-            bound = tol if dtype == torch.float32 else tol * max(_rel(theirs, best), 1e-3)
-            error = _rel(got, theirs) if dtype == torch.float32 else _rel(got, best)
-            assert error < bound, f"call {call}: {name} {error:.2e} (bound {bound:.2e}), {what}"
+        assert_within(named, dtype, tol, f"call {call}, {what}")
     others = [s for s in range(pool) if s not in slots.tolist()]
     for name, t, old, front in zip(POOL_NAMES, mine, before, (True, True, False, False), strict=True):
         same = torch.equal(t[others], old[others]) if front else torch.equal(t[:, others], old[:, others])
