@@ -431,8 +431,11 @@ class ASRModel(nn.Module):
         impl: Impl | None = None,
         check: bool = True,
         weights: EncoderWeights | None = None,
+        log_probs: bool = False,
+        work: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, EncoderState]:
-        """feats (B, 4 L, n_mels) raw log-mel -> logits (B, L, V); advances `state` in place.
+        """feats (B, 4 L, n_mels) raw log-mel -> logits (B, L, V), or with `log_probs` their log-softmax in float32;
+        advances `state` in place.
 
         Without `slots`, `state` holds exactly these B streams. With `slots` (B,) int64, `state` is a pool
         (`init_state(S)`) and only its rows `slots` are read and written; they must be distinct, which `check`
@@ -442,12 +445,14 @@ class ASRModel(nn.Module):
         and B <= `encoder_step.max_streams` (4 on an H200), a one-frame chunk of a float32 or bfloat16 model runs
         as one launch from feats to logits, as matrix-vector products (`kernels/frame_step.py`); longer chunks run
         the Triton front end, then the layers and the head in one launch MAX_ROWS // B frames at a time
-        (`kernels/encoder_step.py`).
+        (`kernels/encoder_step.py`). `work` is the one-frame launch's zeroed workspace (`kernels.frame_step.work_words`
+        int32 words), which it leaves zeroed: a caller that keeps one (a CUDA graph) saves a memset a call.
         """
         if feats.shape[1] % SUBSAMPLING:
             raise ValueError(f"chunk() needs a multiple of {SUBSAMPLING} feature frames, got {feats.shape[1]}")
         if feats.shape[1] == 0:
-            return feats.new_zeros(feats.shape[0], 0, self.dims.vocab_size, dtype=self.head.weight.dtype), state
+            dtype = torch.float32 if log_probs else self.head.weight.dtype
+            return feats.new_zeros(feats.shape[0], 0, self.dims.vocab_size, dtype=dtype), state
         _check_rows(slots, state.frontend.conv1.shape[0], feats.shape[0], check)
         impl = impl or Impl.pick(feats)
         rows = slots  # the fused kernels always address pool rows; without slots, the rows 0..B-1
@@ -456,15 +461,28 @@ class ASRModel(nn.Module):
         one_launch = impl is Impl.STEP and weights is not None
         one_launch = one_launch and feats.shape[0] <= triton_encoder.max_streams(weights, feats.device)
         if one_launch and triton_frame.takes(feats, weights):
-            return self._step_frame(feats.float(), state, rows, weights), state
-        x = self._chunk_frontend(feats, state, slots, rows, impl, one_launch)
-        if one_launch:
-            return self._step_encoder(x, state, rows, weights), state
+            return self._step_frame(feats.float(), state, rows, weights, log_probs, work), state
+        logits = self._chunk_logits(feats, state, slots, rows, impl, weights if one_launch else None)
+        return (logits.float().log_softmax(-1) if log_probs else logits), state
+
+    def _chunk_logits(
+        self,
+        feats: torch.Tensor,
+        state: EncoderState,
+        slots: torch.Tensor | None,
+        rows: torch.Tensor | None,
+        impl: Impl,
+        weights: EncoderWeights | None,
+    ) -> torch.Tensor:
+        """`chunk`'s logits (B, L, V) by every path but the one-frame launch: with `weights`, the tl.dot form."""
+        x = self._chunk_frontend(feats, state, slots, rows, impl, weights is not None)
+        if weights is not None:
+            return self._step_encoder(x, state, rows, weights)
         if impl is Impl.STEP:
-            return self.head(self._step_layers(x.contiguous(), state, rows)), state
+            return self.head(self._step_layers(x.contiguous(), state, rows))
         for block, layer_state in zip(self.layers, state.layers, strict=True):
-            x, _ = block.chunk(x, layer_state, slots, impl, check=False)  # checked above
-        return self.head(self.norm_f(x)), state
+            x, _ = block.chunk(x, layer_state, slots, impl, check=False)  # checked in chunk
+        return self.head(self.norm_f(x))
 
     def _chunk_frontend(
         self,
@@ -487,11 +505,20 @@ class ASRModel(nn.Module):
         return x
 
     @staticmethod
-    def _step_frame(feats: torch.Tensor, state: EncoderState, rows: torch.Tensor, w: EncoderWeights) -> torch.Tensor:
-        """feats (B, 4, n_mels) raw float32 log-mel -> logits (B, 1, V): the whole model in one launch, as
-        matrix-vector products (`kernels/frame_step.py`)."""
-        front = state.frontend
-        return triton_frame.frame_step(feats, w, front.conv1, front.conv2, *_layer_pools(state), rows, check=False)
+    def _step_frame(
+        feats: torch.Tensor,
+        state: EncoderState,
+        rows: torch.Tensor,
+        w: EncoderWeights,
+        log_probs: bool,
+        work: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """feats (B, 4, n_mels) raw float32 log-mel -> logits (B, 1, V), or their log-softmax: the whole model in one
+        launch, as matrix-vector products (`kernels/frame_step.py`)."""
+        front, pools = state.frontend, _layer_pools(state)
+        return triton_frame.frame_step(
+            feats, w, front.conv1, front.conv2, *pools, rows, check=False, log_probs=log_probs, work=work
+        )
 
     @staticmethod
     def _step_encoder(x: torch.Tensor, state: EncoderState, rows: torch.Tensor, w: EncoderWeights) -> torch.Tensor:

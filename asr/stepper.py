@@ -6,7 +6,8 @@ batch is padded up to a power of two and each pad row steps the spare slot `capa
 owns and nothing reads. A capture runs the step twice on a side stream first (compiling the Triton
 kernels and warming cuBLAS), with every row on the spare slot, so no stream's state moves. Replays
 copy the inputs into the graph's static buffers; chunks longer than `MAX_GRAPH_FRAMES` run as several
-replays, which is exact (streaming equals offline).
+replays, which is exact (streaming equals offline). A one-frame graph of few streams is a single kernel
+(`kernels/frame_step.py`, log-softmax included): its workspace is the graph's, kept zeroed by the kernel.
 
 Shapes: B streams, L encoder frames, T = 4 L feature frames, V vocabulary.
 """
@@ -20,6 +21,7 @@ import torch
 
 from asr.features import N_MELS, SUBSAMPLING
 from asr.model import ASRModel, EncoderState, Impl
+from kernels import encoder_step, frame_step
 from kernels.step import MAX_FRAMES as MAX_GRAPH_FRAMES
 
 
@@ -32,6 +34,7 @@ class _Graph:
     slots: torch.Tensor  # (bucket,) int64, static input
     log_probs: torch.Tensor  # (bucket, frames, V) float32, static output
     filled: tuple[int, ...]  # what `slots` holds now
+    work: torch.Tensor | None  # the one-frame launch's workspace (zero between replays), if the step is that launch
 
 
 def bucket(n: int) -> int:
@@ -125,20 +128,29 @@ class EncoderStepper:
         if len(set(slots)) != len(slots) or min(slots) < 0 or max(slots) >= self.capacity:
             raise ValueError(f"slots must be distinct and in [0, {self.capacity}), got {list(slots)}")
 
-    def _eager(self, feats: torch.Tensor, rows: torch.Tensor, check: bool) -> torch.Tensor:
-        logits, _ = self.model.chunk(feats, self.pool, rows, impl=self.impl, check=check, weights=self.weights)
-        return logits.float().log_softmax(-1)
+    def _eager(
+        self, feats: torch.Tensor, rows: torch.Tensor, check: bool, work: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        step = self.model.chunk
+        return step(feats, self.pool, rows, self.impl, check, self.weights, log_probs=True, work=work)[0]
+
+    def _frame_work(self, size: int, frames: int) -> torch.Tensor | None:
+        """A zeroed workspace for a graph of `size` rows by `frames` frames, if its step may be the one-frame launch."""
+        if self.weights is None or frames != 1 or size > encoder_step.max_streams(self.weights, self.device):
+            return None
+        return torch.zeros(frame_step.work_words(size, self.weights), dtype=torch.int32, device=self.device)
 
     def _replay(self, feats: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
         b, frames = feats.shape[0], feats.shape[1] // SUBSAMPLING
         g = self._graph(bucket(b), frames)
-        g.feats[:b].copy_(feats)
-        full = tuple(slots) + (self.spare,) * (g.slots.shape[0] - b)
-        if full != g.filled:  # streams step the same slots chunk after chunk: skip the host-to-device copy then
-            g.slots.copy_(torch.tensor(full, dtype=torch.int64))
-            g.filled = full
+        full = b == g.feats.shape[0]  # no pad rows: no views to make (host time on the batch-1 path)
+        (g.feats if full else g.feats[:b]).copy_(feats)
+        filled = tuple(slots) + (self.spare,) * (g.slots.shape[0] - b)
+        if filled != g.filled:  # streams step the same slots chunk after chunk: skip the host-to-device copy then
+            g.slots.copy_(torch.tensor(filled, dtype=torch.int64))
+            g.filled = filled
         g.graph.replay()
-        return g.log_probs[:b]
+        return g.log_probs if full else g.log_probs[:b]
 
     def _graph(self, size: int, frames: int) -> _Graph:
         key = (size, frames)
@@ -149,13 +161,14 @@ class EncoderStepper:
     def _capture(self, size: int, frames: int) -> _Graph:
         feats = torch.zeros(size, SUBSAMPLING * frames, N_MELS, device=self.device)
         slots = torch.full((size,), self.spare, dtype=torch.int64, device=self.device)
+        work = self._frame_work(size, frames)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # compile and warm up; every row steps the spare slot
-                self._eager(feats, slots, check=False)
+                self._eager(feats, slots, False, work)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._mempool):
-            log_probs = self._eager(feats, slots, check=False)
-        return _Graph(graph, feats, slots, log_probs, filled=(self.spare,) * size)
+            log_probs = self._eager(feats, slots, False, work)
+        return _Graph(graph, feats, slots, log_probs, filled=(self.spare,) * size, work=work)

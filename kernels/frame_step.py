@@ -68,7 +68,7 @@ from kernels.encoder_step import EncoderWeights, _arrive, _check, _wait, encoder
 from kernels.frontend import _check_shapes, _check_types, _h1, _silu, frontend_step_ref
 from kernels.step import _interpreting, _sm_count, _softplus, check_slots
 
-__all__ = ["frame_step", "frame_step_ref", "block_p_for", "takes"]
+__all__ = ["frame_step", "frame_step_ref", "block_p_for", "takes", "work_words"]
 
 _WARPS = 8  # H200, 12 x 256, bf16, 128 programs: 2 warps 132 us, 4 68, 8 59 (BENCHMARKS.md, session 15)
 _MIN_BLOCK_P = 4
@@ -87,14 +87,17 @@ def frame_step_ref(
     conv: torch.Tensor,
     ssm: torch.Tensor,
     slots: torch.Tensor,
+    log_probs: bool = False,
 ) -> torch.Tensor:
     """feats (B, 4, n_mels) -> logits (B, 1, V): `frontend_step_ref`, then `encoder_step_ref`, advancing pool rows
-    `slots` of the front end's (conv1, conv2) and the layers' (conv, ssm) pools in place."""
+    `slots` of the front end's (conv1, conv2) and the layers' (conv, ssm) pools in place. With `log_probs`, their
+    log-softmax in float32 instead."""
     if feats.dim() != 3 or feats.shape[1] != SUBSAMPLING:
         raise ValueError(f"frame_step takes one encoder frame a stream, feats (B, {SUBSAMPLING}, n_mels), got shape "
                          f"{tuple(feats.shape)}")  # fmt: skip
     x = frontend_step_ref(feats, conv1, conv2, slots, *w.front.tensors())
-    return encoder_step_ref(x, w, conv, ssm, slots)
+    logits = encoder_step_ref(x, w, conv, ssm, slots)
+    return logits.float().log_softmax(-1) if log_probs else logits
 
 
 @triton.jit
@@ -185,27 +188,62 @@ def _write_bc(conv_ptr, layer, S, slot, is_writer, bch, cch, nmask, bc_rows, cc_
 
 
 @triton.jit
-def _sum_copies(acc_row, off, BLOCK: tl.constexpr, AWC: tl.constexpr):
-    """The sum over the _COPIES accumulator rows (each AWC floats) at acc_row of entries off .. off + BLOCK."""
+def _sum_copies(acc_row, off, BLOCK: tl.constexpr, CS):
+    """The sum over the _COPIES accumulator rows (CS floats apart) at acc_row of entries off .. off + BLOCK."""
     ii = off + tl.arange(0, BLOCK)
     total = tl.load(acc_row + ii, cache_modifier=".cg")
     for c in tl.static_range(1, _COPIES):
-        total += tl.load(acc_row + c * AWC + ii, cache_modifier=".cg")
+        total += tl.load(acc_row + c * CS + ii, cache_modifier=".cg")
     return total
 
 
 @triton.jit
-def _add_mixer(xe, xo, acc_row, SYNC_WAIT: tl.constexpr, bar_ptr, eps, dtype: tl.constexpr, NP: tl.constexpr,
+def _zero_exchange(accs, bars, idx, LS, CS, AWC: tl.constexpr):
+    """Zero exchange idx of the stream (its _COPIES accumulator rows of AWC floats and its barrier counter), for the
+    next call: only once every program is past that barrier's wait and done reading the accumulators."""
+    ii = tl.arange(0, triton.next_power_of_2(AWC))
+    for c in tl.static_range(_COPIES):
+        tl.store(accs + idx * LS + c * CS + ii, 0.0, mask=ii < AWC)
+    tl.store(bars + idx, 0)
+
+
+@triton.jit
+def _last_to_leave(exit_ptr, NP: tl.constexpr):
+    """Whether this program is the stream's last to pass this point (every program calls it once a launch): its
+    earlier reads are done before the count, and the last one's later writes come after every program's count."""
+    tl.debug_barrier()
+    return tl.atomic_add(exit_ptr, 1, sem="acq_rel", scope="gpu") == NP - 1
+
+
+@triton.jit
+def _head(out_ptr, xe, xo, normf_ptr, hw_ptr, hb_ptr, jj, jmask, eps, dtype: tl.constexpr, D: tl.constexpr,
+          J: tl.constexpr, V: tl.constexpr, BLOCK_V: tl.constexpr, LOG_PROBS: tl.constexpr):  # fmt: skip
+    """norm_f and the head at out_ptr (V,): the logits in the model dtype, or (LOG_PROBS) their log-softmax in
+    float32, as `logits.float().log_softmax(-1)` gives it."""
+    fw_e, fw_o = _halves_of(normf_ptr, jj, jmask)
+    he, ho = _rms(xe, xo, fw_e, fw_o, eps, dtype, D)
+    vv = tl.arange(0, BLOCK_V)
+    vmask = vv < V
+    logits = _matvec(_wrows(hw_ptr, vv, vmask, jj, jmask, J), he, ho, tl.float32)
+    logits += tl.load(hb_ptr + vv, mask=vmask, other=0.0).to(tl.float32)
+    if LOG_PROBS:
+        logits = tl.where(vmask, logits.to(dtype).to(tl.float32), -float("inf"))
+        top = tl.max(logits, axis=0)
+        logits -= top + tl.log(tl.sum(tl.exp(logits - top), axis=0))
+    tl.store(out_ptr + vv, logits.to(out_ptr.dtype.element_ty), mask=vmask)
+
+
+@triton.jit
+def _add_mixer(xe, xo, acc_row, CS, SYNC_WAIT: tl.constexpr, bar_ptr, eps, dtype: tl.constexpr, NP: tl.constexpr,
                DI: tl.constexpr, BLOCK_J: tl.constexpr):  # fmt: skip
     """x + out_proj of a layer from its _COPIES accumulator rows at acc_row (each: the D values as even then odd
     halves, then the sum of squares), after its barrier if SYNC_WAIT: out rounded to the model dtype, then the sum,
     as PyTorch's are."""
     if SYNC_WAIT:
         _wait(bar_ptr, NP)
-    awc: tl.constexpr = 2 * BLOCK_J + 2
-    acc_e = _sum_copies(acc_row, 0, BLOCK_J, awc)
-    acc_o = _sum_copies(acc_row, BLOCK_J, BLOCK_J, awc)
-    sum_sq = tl.sum(_sum_copies(acc_row, 2 * BLOCK_J, 2, awc), axis=0)  # the second entry is never written
+    acc_e = _sum_copies(acc_row, 0, BLOCK_J, CS)
+    acc_o = _sum_copies(acc_row, BLOCK_J, BLOCK_J, CS)
+    sum_sq = tl.sum(_sum_copies(acc_row, 2 * BLOCK_J, 2, CS), axis=0)  # the second entry is never written
     rs = tl.rsqrt(sum_sq / DI + eps)
     xe = (xe + (acc_e * rs).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     xo = (xo + (acc_o * rs).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
@@ -254,16 +292,15 @@ def _front_item(feats_row, c1_row, c2_row, mean_ptr, istd_ptr, w1_ptr, b1_ptr, w
 
 
 @triton.jit
-def _front_x(acc_row, lb_ptr, SYNC_WAIT: tl.constexpr, bar_ptr, jj, jmask, dtype: tl.constexpr, NP: tl.constexpr,
-             BLOCK_J: tl.constexpr):  # fmt: skip
+def _front_x(acc_row, CS, lb_ptr, SYNC_WAIT: tl.constexpr, bar_ptr, jj, jmask, dtype: tl.constexpr,
+             NP: tl.constexpr, BLOCK_J: tl.constexpr):  # fmt: skip
     """The front end's output x (even and odd halves) from its accumulators and the Linear's bias, after its barrier
     if SYNC_WAIT, rounded to dtype."""
     if SYNC_WAIT:
         _wait(bar_ptr, NP)
-    awc: tl.constexpr = 2 * BLOCK_J + 2
     be, bo = _halves_of(lb_ptr, jj, jmask)
-    xe = (_sum_copies(acc_row, 0, BLOCK_J, awc) + be).to(dtype).to(tl.float32)
-    xo = (_sum_copies(acc_row, BLOCK_J, BLOCK_J, awc) + bo).to(dtype).to(tl.float32)
+    xe = (_sum_copies(acc_row, 0, BLOCK_J, CS) + be).to(dtype).to(tl.float32)
+    xo = (_sum_copies(acc_row, BLOCK_J, BLOCK_J, CS) + bo).to(dtype).to(tl.float32)
     return xe, xo
 
 
@@ -286,29 +323,33 @@ def _write_front_caches(feats_row, c1_row, c2_row, mean_ptr, istd_ptr, w1_ptr, b
 @triton.jit
 def _frame_kernel(feats_ptr, out_ptr, slots_ptr, c1_ptr, c2_ptr, conv_ptr, ssm_ptr, mean_ptr, istd_ptr, w1_ptr, b1_ptr,
                   w2_ptr, b2_ptr, lin_ptr, lb_ptr, norm_ptr, in_ptr, cw_ptr, cb_ptr, dtb_ptr, alog_ptr, dskip_ptr,
-                  gnorm_ptr, outw_ptr, normf_ptr, hw_ptr, hb_ptr, acc_ptr, bar_ptr, S, first, last, eps, M, M1,
+                  gnorm_ptr, outw_ptr, normf_ptr, hw_ptr, hb_ptr, acc_ptr, bar_ptr, S, LS, CS, first, last, eps, M,
+                  M1,
                   NL: tl.constexpr, D: tl.constexpr, H: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
                   G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, M2: tl.constexpr,
                   BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, CB: tl.constexpr,
-                  SYNC: tl.constexpr):  # fmt: skip
+                  SYNC: tl.constexpr, LOG_PROBS: tl.constexpr):  # fmt: skip
     """Phases first .. last of stream b = program_id(1) (module docstring): phase -1 is the front end; phase l loads
     layer l's tiles, then finishes the front end (l = 0, after its barrier if SYNC) or layer l - 1 and runs layer l;
     phase NL ends with the head. lin_ptr, in_ptr, hw_ptr and outw_ptr (out_proj transposed) point at those weights
-    as column pairs; acc_ptr at (B, NL + 1, _COPIES, 2 BLOCK_J + 2) float32 (the front end's last), bar_ptr at
-    (B, NL + 1) int32."""
+    as column pairs; acc_ptr at rows of 2 BLOCK_J + 2 float32 (B, NL + 1) a copy (the front end's last), LS words
+    from a layer's to the next, CS from a copy to the next (`_acc_strides`), bar_ptr at
+    (B, NL + 2) int32 (the barriers' counters, the front end's last, then the exit count). Under SYNC the launch
+    leaves both zeroed: each exchange is cleared once every program has passed the next barrier, the last layer's
+    by the last program to leave."""
     q, b = tl.program_id(0), tl.program_id(1)
     n_rb: tl.constexpr = (P + BLOCK_P - 1) // BLOCK_P
     NP: tl.constexpr = H * n_rb
     DI: tl.constexpr = H * P
     CD: tl.constexpr = DI + 2 * G * N
     J: tl.constexpr = D // 2
-    AW: tl.constexpr = _COPIES * (2 * BLOCK_J + 2)  # a layer's accumulator rows
+    AWC: tl.constexpr = 2 * BLOCK_J + 2  # an accumulator row
     NCB: tl.constexpr = (C + CB - 1) // CB  # conv2 channel blocks
     h = q // n_rb
     grp = h // (H // G)
     is_writer = q % (n_rb * (H // G)) == 0  # the group's first program: it shifts the B and C cache rows
-    dtype = out_ptr.dtype.element_ty
+    dtype = norm_ptr.dtype.element_ty  # the model's (out_ptr's is float32 for LOG_PROBS)
     jj = tl.arange(0, BLOCK_J)
     jmask = jj < J
     rp = (q % n_rb) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -319,7 +360,7 @@ def _frame_kernel(feats_ptr, out_ptr, slots_ptr, c1_ptr, c2_ptr, conv_ptr, ssm_p
     cmask = ci < C
     xch, bch, cch = h * P + rp, DI + grp * N + nn, DI + (G + grp) * N + nn  # conv channels
     slot = tl.load(slots_ptr + b)
-    accs, bars = acc_ptr + b * (NL + 1) * AW, bar_ptr + b * (NL + 1)  # the stream's
+    accs, bars = acc_ptr + b * (NL + 1) * LS, bar_ptr + b * (NL + 2)  # the stream's
     feats_row, c1_row, c2_row = feats_ptr + b * 4 * M, c1_ptr + slot * M, c2_ptr + slot * C * M1
     if first < 0:  # the front end: conv2 at mel position m for channel block cb, and its share of the Linear
         pe = tl.zeros((BLOCK_J,), tl.float32)
@@ -331,7 +372,7 @@ def _frame_kernel(feats_ptr, out_ptr, slots_ptr, c1_ptr, c2_ptr, conv_ptr, ssm_p
             pe += e
             po += o
         if q < M2 * NCB:
-            fe_row = accs + NL * AW + (q % _COPIES) * (2 * BLOCK_J + 2)
+            fe_row = accs + NL * LS + (q % _COPIES) * CS
             tl.atomic_add(fe_row + jj, pe, sem="relaxed")
             tl.atomic_add(fe_row + BLOCK_J + jj, po, sem="relaxed")
         if SYNC:
@@ -339,9 +380,9 @@ def _frame_kernel(feats_ptr, out_ptr, slots_ptr, c1_ptr, c2_ptr, conv_ptr, ssm_p
     xe = tl.zeros((BLOCK_J,), tl.float32)
     xo = tl.zeros((BLOCK_J,), tl.float32)
     if first > 0:  # launched phase by phase: x, then the residual adds before phase first - 1's
-        xe, xo = _front_x(accs + NL * AW, lb_ptr, False, bars + NL, jj, jmask, dtype, NP, BLOCK_J)
+        xe, xo = _front_x(accs + NL * LS, CS, lb_ptr, False, bars + NL, jj, jmask, dtype, NP, BLOCK_J)
         for layer in range(0, first - 1):
-            xe, xo = _add_mixer(xe, xo, accs + layer * AW, False, bars, eps, dtype, NP, DI, BLOCK_J)
+            xe, xo = _add_mixer(xe, xo, accs + layer * LS, CS, False, bars, eps, dtype, NP, DI, BLOCK_J)
     bc_rows = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # layer l - 1's new B and C cache rows (the writer's)
     cc_rows = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for phase in range(tl.maximum(first, 0), last + 1):
@@ -381,9 +422,12 @@ def _frame_kernel(feats_ptr, out_ptr, slots_ptr, c1_ptr, c2_ptr, conv_ptr, ssm_p
                 vc = _matvec(_wrows(w_prev, 2 * DI + (G + grp) * N + nn, nmask, jj, jmask, J), he, ho, dtype)
                 bc_prev = _new_cache(vb, _taps(c_prev, cw_ptr, bch, nmask, K, BLOCK_K)[1], K, BLOCK_K)
                 cc_prev = _new_cache(vc, _taps(c_prev, cw_ptr, cch, nmask, K, BLOCK_K)[1], K, BLOCK_K)
-            xe, xo = _add_mixer(xe, xo, accs + (phase - 1) * AW, SYNC, bars + phase - 1, eps, dtype, NP, DI, BLOCK_J)
+            xe, xo = _add_mixer(xe, xo, accs + (phase - 1) * LS, CS, SYNC, bars + phase - 1, eps, dtype, NP, DI,
+                                BLOCK_J)  # fmt: skip
+            if SYNC and q == NP - 1:  # every program is past the barrier of phase - 1, so done with the one before
+                _zero_exchange(accs, bars, NL if phase == 1 else phase - 2, LS, CS, AWC)
         else:
-            xe, xo = _front_x(accs + NL * AW, lb_ptr, SYNC, bars + NL, jj, jmask, dtype, NP, BLOCK_J)
+            xe, xo = _front_x(accs + NL * LS, CS, lb_ptr, SYNC, bars + NL, jj, jmask, dtype, NP, BLOCK_J)
         if phase < NL:
             he, ho = _rms(xe, xo, nw_e, nw_o, eps, dtype, D)
             z = _matvec(w_z, he, ho, dtype)
@@ -404,7 +448,7 @@ def _frame_kernel(feats_ptr, out_ptr, slots_ptr, c1_ptr, c2_ptr, conv_ptr, ssm_p
             g = y * z * tl.sigmoid(z)
             gn = (g * gw).to(dtype).to(tl.float32)[:, None]
             out_lo, out_hi = _halves(w_out)
-            acc_row = accs + layer * AW + (q % _COPIES) * (2 * BLOCK_J + 2)
+            acc_row = accs + layer * LS + (q % _COPIES) * CS
             tl.atomic_add(acc_row + jj, tl.sum(out_lo * gn, axis=0), sem="relaxed")  # zero where not jmask
             tl.atomic_add(acc_row + BLOCK_J + jj, tl.sum(out_hi * gn, axis=0), sem="relaxed")
             tl.atomic_add(acc_row + 2 * BLOCK_J, tl.sum(g * g, axis=0), sem="relaxed")
@@ -419,14 +463,13 @@ def _frame_kernel(feats_ptr, out_ptr, slots_ptr, c1_ptr, c2_ptr, conv_ptr, ssm_p
                                     M1, NP, BLOCK_M, dtype)  # fmt: skip
         else:
             _write_bc(conv_ptr, phase - 1, S, slot, is_writer, bch, cch, nmask, bc_prev, cc_prev, CD, K, BLOCK_K)
+            if SYNC:
+                if _last_to_leave(bars + NL + 1, NP):
+                    _zero_exchange(accs, bars, NL - 1, LS, CS, AWC)
+                    tl.store(bars + NL + 1, 0)
             if q == 0:
-                fw_e, fw_o = _halves_of(normf_ptr, jj, jmask)
-                he, ho = _rms(xe, xo, fw_e, fw_o, eps, dtype, D)
-                vv = tl.arange(0, BLOCK_V)
-                vmask = vv < V
-                logits = _matvec(_wrows(hw_ptr, vv, vmask, jj, jmask, J), he, ho, tl.float32)
-                logits += tl.load(hb_ptr + vv, mask=vmask, other=0.0).to(tl.float32)
-                tl.store(out_ptr + b * V + vv, logits.to(dtype), mask=vmask)
+                _head(out_ptr + b * V, xe, xo, normf_ptr, hw_ptr, hb_ptr, jj, jmask, eps, dtype, D, J, V, BLOCK_V,
+                      LOG_PROBS)  # fmt: skip
 
 
 def block_p_for(w: EncoderWeights, streams: int, device: torch.device) -> int | None:
@@ -453,6 +496,39 @@ def takes(feats: torch.Tensor, w: EncoderWeights) -> bool:
         and w.norm.dtype in _DTYPES
         and block_p_for(w, feats.shape[0], feats.device) is not None
     )
+
+
+def _acc_words(streams: int, w: EncoderWeights) -> int:
+    """The accumulators' float32 words of a launch of `streams` streams: _COPIES x B x (NL + 1) rows."""
+    return _COPIES * streams * (w.norm.shape[0] + 1) * _acc_row(w)
+
+
+def _acc_row(w: EncoderWeights) -> int:
+    """The words of an accumulator row: out_proj's D outputs as even then odd halves (2 BLOCK_J), the sum of
+    squares and a spare."""
+    return 2 * triton.next_power_of_2(w.norm.shape[1] // 2) + 2
+
+
+def _acc_strides(streams: int, w: EncoderWeights) -> tuple[int, int]:
+    """(layer, copy) strides of the accumulator rows, in words: each copy of all streams' rows apart from the next,
+    (_COPIES, B, NL + 1, row), so that the copies' atomics land in different places of the L2."""
+    return _acc_row(w), streams * (w.norm.shape[0] + 1) * _acc_row(w)
+
+
+def work_words(streams: int, w: EncoderWeights) -> int:
+    """The int32 words of `frame_step`'s `work` for `streams` streams: the accumulators, then (B, NL + 2) counters."""
+    return _acc_words(streams, w) + streams * (w.norm.shape[0] + 2)
+
+
+def _check_work(work: torch.Tensor | None, feats: torch.Tensor, w: EncoderWeights) -> None:
+    """Raise ValueError unless `work` is None or a contiguous int32 tensor on feats' device of at least
+    `work_words(B, w)` words."""
+    if work is None:
+        return
+    need = work_words(feats.shape[0], w)
+    if work.dtype != torch.int32 or work.device != feats.device or not work.is_contiguous() or work.numel() < need:
+        raise ValueError(f"work must be a contiguous int32 tensor of at least {need} words on {feats.device}, got "
+                         f"{work.dtype} {tuple(work.shape)} on {work.device}")  # fmt: skip
 
 
 def _packed(t: torch.Tensor) -> torch.Tensor:
@@ -493,12 +569,18 @@ def frame_step(
     persistent: bool | None = None,
     block_p: int | None = None,
     num_warps: int = _WARPS,
+    log_probs: bool = False,
+    work: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The Triton form of `frame_step_ref`: logits (B, 1, V) in the model dtype, the pool rows `slots` advanced in
-    place. `check=False` skips `check_slots` (no device sync; the caller vouches, as under CUDA graph capture).
-    `persistent` (default: except in the interpreter) runs one launch with grid barriers, else a launch a phase.
-    `block_p` (default `block_p_for`): state rows a program, a power of two."""
+    """The Triton form of `frame_step_ref`: logits (B, 1, V) in the model dtype, or with `log_probs` their
+    log-softmax in float32; the pool rows `slots` advanced in place. `check=False` skips `check_slots` (no device
+    sync; the caller vouches, as under CUDA graph capture). `persistent` (default: except in the interpreter) runs
+    one launch with grid barriers, else a launch a phase. `block_p` (default `block_p_for`): state rows a program,
+    a power of two. `work`: the launch's accumulators and barrier counters, int32 (`work_words(B, w)`,) zeroed,
+    which the call leaves zeroed, so that a caller reusing it (a CUDA graph) needs no memset a call; default: a
+    fresh one a call."""
     _check_args(feats, w, conv1, conv2, conv, ssm, slots)
+    _check_work(work, feats, w)
     if check:
         check_slots(slots, conv.shape[1])
     persistent = not _interpreting() if persistent is None else persistent
@@ -513,9 +595,10 @@ def frame_step(
         raise ValueError(f"{b} x {n_programs} programs do not fit on {_sm_count(feats.device)} SMs at once")
     k, v = w.conv_weight.shape[2], w.head_weight.shape[0]
     block_j = triton.next_power_of_2(d // 2)
-    n_acc = b * (nl + 1) * _COPIES * (2 * block_j + 2)
-    work = torch.zeros(n_acc + b * (nl + 1), device=feats.device, dtype=torch.int32)  # accumulators, counters
-    out = torch.empty(b, 1, v, device=feats.device, dtype=w.norm.dtype)
+    n_acc = _acc_words(b, w)
+    given = work is not None
+    work = work if given else torch.zeros(work_words(b, w), device=feats.device, dtype=torch.int32)
+    out = torch.empty(b, 1, v, device=feats.device, dtype=torch.float32 if log_probs else w.norm.dtype)
     m1, m2 = halved(m), halved(halved(m))
     # conv2 channels an item: the fewest (a power of two) for which the M2 x C / CB items fit the programs
     cb = min(max(4, triton.next_power_of_2(triton.cdiv(c * m2, n_programs))), max(4, triton.next_power_of_2(c)))
@@ -530,9 +613,13 @@ def frame_step(
              _packed(f.out_by_mel), f.out_bias)  # fmt: skip
     tensors = [t.contiguous() for t in w.tensors()]
     tensors[1], tensors[8], tensors[10] = _packed(w.in_proj), _packed(w.out_proj_t), _packed(w.head_weight)
+    accs, counters = work[:n_acc].view(torch.float32), work[n_acc : work_words(b, w)]
     args = (feats.contiguous(), out, slots.contiguous(), conv1, conv2, conv, ssm, *(t.contiguous() for t in front),
-            *tensors, work[:n_acc].view(torch.float32), work[n_acc:], s)  # fmt: skip
+            *tensors, accs, counters, s, *_acc_strides(b, w))  # fmt: skip
     phases = [(-1, nl)] if persistent else [(i, i) for i in range(-1, nl + 1)]
     for first, last in phases:
-        _frame_kernel[(n_programs, b)](*args, first, last, w.eps, m, m1, SYNC=persistent, **consts)
+        _frame_kernel[(n_programs, b)](*args, first, last, w.eps, m, m1, SYNC=persistent, LOG_PROBS=log_probs,
+                                       **consts)  # fmt: skip
+    if given and not persistent:  # the one launch clears what it used; the phased launches leave it to this
+        work.zero_()
     return out

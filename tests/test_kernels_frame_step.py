@@ -25,7 +25,7 @@ import kernels.frame_step
 from asr.features import N_MELS
 from asr.model import ASRModel, Impl, ModelDimensions
 from kernels.encoder_step import EncoderWeights, stacked_pool
-from kernels.frame_step import frame_step, frame_step_ref
+from kernels.frame_step import frame_step, frame_step_ref, work_words
 from kernels.frontend import FrontEndWeights
 from tests.conftest import TINY
 from tests.test_kernels_encoder_step import SMALL, _model, _rel, assert_within
@@ -54,25 +54,32 @@ def _float32(w: EncoderWeights) -> EncoderWeights:
 
 
 def _check(seed: int, dims: ModelDimensions, b: int, dtype: torch.dtype, tol: float, device: str = "cpu",
-           pool: int = POOL, calls: int = 2, **kwargs) -> None:  # fmt: skip
+           pool: int = POOL, calls: int = 2, log_probs: bool = False, keep_work: bool = False,
+           **kwargs) -> None:  # fmt: skip
     """`calls` chained one-frame steps of frame_step on b streams (random slots, random log-mel) against
-    frame_step_ref on the same random model and pools: logits and every pool within relative error tol
-    (`assert_within`), the slots outside untouched."""
+    frame_step_ref on the same random model and pools: logits (or log-probs) and every pool within relative error
+    tol (`assert_within`), the slots outside untouched. `keep_work`: every call gets the same workspace, which must
+    be all zero after each."""
     model = _model(seed, dims, dtype, device)
     w = model.encoder_weights()
+    work = torch.zeros(work_words(b, w) + 5, dtype=torch.int32, device=device) if keep_work else None
     mine = _random_pools(model, seed, device, pool)
     ref, exact = tuple(t.clone() for t in mine), tuple(t.to(torch.float32, copy=True) for t in mine)
     before = tuple(t.clone() for t in mine)
     gen = torch.Generator().manual_seed(seed + 1)
     slots = torch.randperm(pool, generator=gen)[:b].to(device)
-    what = f"seed {seed}, {dims}, b {b}, {dtype}, {kwargs}"
+    what = f"seed {seed}, {dims}, b {b}, {dtype}, log_probs {log_probs}, keep_work {keep_work}, {kwargs}"
     for call in range(calls):
         feats = (3 * torch.randn(b, 4, N_MELS, generator=gen) - 8).to(device)  # raw log-mel range
         with torch.inference_mode():
-            out = frame_step(feats, w, *mine, slots, **kwargs)
-            expected = frame_step_ref(feats, w, *ref, slots)
-            exact32 = frame_step_ref(feats, _float32(w), *exact, slots)
-        assert out.shape == (b, 1, dims.vocab_size) and out.dtype == dtype, what
+            out = frame_step(feats, w, *mine, slots, log_probs=log_probs, work=work, **kwargs)
+            expected = frame_step_ref(feats, w, *ref, slots, log_probs=log_probs)
+            exact32 = frame_step_ref(feats, _float32(w), *exact, slots, log_probs=log_probs)
+        assert out.shape == (b, 1, dims.vocab_size) and out.dtype == expected.dtype, what
+        if log_probs:
+            assert torch.allclose(out.exp().sum(-1), torch.ones(b, 1, device=device), atol=1e-4), what
+        if keep_work:
+            assert not work.any(), f"the workspace is not zero after call {call}, {what}"
         named = zip(("logits", *POOL_NAMES), (out, *mine), (expected, *ref), (exact32, *exact), strict=True)
         assert_within(named, dtype, tol, f"call {call}, {what}")
     others = [s for s in range(pool) if s not in slots.tolist()]
@@ -97,6 +104,14 @@ def test_matches_ref_bf16() -> None:
     _check(secrets.randbits(32), TINY, 2, torch.bfloat16, 1.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_probs_and_a_kept_workspace(dtype: torch.dtype, bf16_as_on_the_gpu: None) -> None:
+    """The log-softmax in the kernel's head (float32 whatever the model's dtype) against the reference's, three calls
+    sharing one workspace, which each call leaves zeroed."""
+    tol = 1.5 if dtype == torch.bfloat16 else 1e-5
+    _check(secrets.randbits(32), SMALL, 2, dtype, tol, calls=3, log_probs=True, keep_work=True)
+
+
 def _bad_cases(model: ASRModel):
     w = model.encoder_weights()
     pools = _random_pools(model, 0, "cpu", POOL)
@@ -110,6 +125,9 @@ def _bad_cases(model: ASRModel):
     yield "front pools", (feats, w, *small[:2], *pools[2:], slots), {}, "front-end pools"
     yield "block_p", (feats, w, *pools, slots), {"block_p": 6}, "power of two"
     yield "slots", (feats, w, *pools, torch.tensor([1, 1])), {}, "distinct"
+    short = torch.zeros(work_words(2, w) - 1, dtype=torch.int32)
+    yield "short work", (feats, w, *pools, slots), {"work": short}, "at least"
+    yield "float work", (feats, w, *pools, slots), {"work": short.float()}, "int32"
 
 
 @pytest.mark.parametrize("case", list(_bad_cases(ASRModel(TINY))), ids=lambda c: c[0])
@@ -155,11 +173,11 @@ def compile_for_hopper() -> None:
     """Compile the one-launch kernel (grid barriers included) for sm_90 at the default model's shapes, bf16."""
     kernel = kernels.frame_step._frame_kernel
     consts = dict(NL=12, D=256, H=8, P=64, N=64, G=1, K=4, V=29, C=64, M2=20, BLOCK_J=128, BLOCK_P=4, BLOCK_N=64,
-                  BLOCK_K=4, BLOCK_V=32, BLOCK_C=64, BLOCK_M=128, CB=16, SYNC=True)  # fmt: skip
+                  BLOCK_K=4, BLOCK_V=32, BLOCK_C=64, BLOCK_M=128, CB=16, SYNC=True, LOG_PROBS=True)  # fmt: skip
     pairs = {"lin_ptr", "in_ptr", "outw_ptr", "hw_ptr"}
     signature = {
         n: "constexpr" if n in consts else "*i64" if n == "slots_ptr" else "*i32" if n in pairs | {"bar_ptr"}
-        else "*fp32" if n in {"feats_ptr", "ssm_ptr", "acc_ptr"} else "*bf16" if n.endswith("_ptr")
+        else "*fp32" if n in {"feats_ptr", "out_ptr", "ssm_ptr", "acc_ptr"} else "*bf16" if n.endswith("_ptr")
         else "fp32" if n == "eps" else "i32"
         for n in kernel.arg_names
     }  # fmt: skip
@@ -184,9 +202,11 @@ def test_kernel_compiles_for_hopper() -> None:
 @pytest.mark.parametrize("persistent", [True, False], ids=["one-launch", "phased"])
 def test_gpu_default_model(dtype: torch.dtype, b: int, persistent: bool) -> None:
     """The default model's sizes on a pool of 64 slots, compiled, in one launch and phase by phase, three chained
-    calls (the accumulators and barriers are fresh each call)."""
+    calls: with a fresh workspace each call, and with one kept across the calls (as a CUDA graph keeps it), which
+    each call must leave zeroed, log-probs out."""
     tol = 1.5 if dtype == torch.bfloat16 else 1e-4
     _check(secrets.randbits(32), ModelDimensions(), b, dtype, tol, "cuda", 64, 3, persistent=persistent)
+    _check(secrets.randbits(32), ModelDimensions(), b, dtype, tol, "cuda", 64, 3, True, True, persistent=persistent)
 
 
 @pytest.mark.gpu
