@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
-from collections.abc import Callable
 from types import ModuleType
 
 import torch
 import triton.language as tl
+from one_launch import graphed_us  # bench/one_launch.py, beside this script
 
 import kernels.frame_step
 from asr.features import N_MELS
@@ -39,29 +38,6 @@ def variant(copies: int, side_by_side: bool) -> ModuleType:
     if side_by_side:
         mod._acc_strides = lambda streams, w: (copies * mod._acc_row(w), mod._acc_row(w))
     return mod
-
-
-def graphed_us(fn: Callable[[], object], calls: int, replays: int) -> float:
-    """Median GPU us a call of fn, `calls` calls captured in one CUDA graph (after two warm-up calls)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return statistics.median(times)
 
 
 def measure(mod: ModuleType, model: ASRModel, b: int, args: argparse.Namespace) -> tuple[float, float, float]:
