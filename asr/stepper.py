@@ -34,7 +34,9 @@ class _Graph:
     slots: torch.Tensor  # (bucket,) int64, static input
     log_probs: torch.Tensor  # (bucket, frames, V) float32, static output
     filled: tuple[int, ...]  # what `slots` holds now
-    work: torch.Tensor | None  # the one-frame launch's workspace (zero between replays), if the step is that launch
+    # the one-frame launch's workspace (zero between replays), if the step is that launch: the graph holds its
+    # address, so this reference keeps its memory from being reused while the graph lives
+    work: torch.Tensor | None
 
 
 def bucket(n: int) -> int:
@@ -131,8 +133,10 @@ class EncoderStepper:
     def _eager(
         self, feats: torch.Tensor, rows: torch.Tensor, check: bool, work: torch.Tensor | None = None
     ) -> torch.Tensor:
-        step = self.model.chunk
-        return step(feats, self.pool, rows, self.impl, check, self.weights, log_probs=True, work=work)[0]
+        log_probs, _ = self.model.chunk(
+            feats, self.pool, rows, impl=self.impl, check=check, weights=self.weights, log_probs=True, work=work
+        )
+        return log_probs
 
     def _frame_work(self, size: int, frames: int) -> torch.Tensor | None:
         """A zeroed workspace for a graph of `size` rows by `frames` frames, if its step may be the one-frame launch."""

@@ -24,7 +24,7 @@ from one_launch import graphed_us  # bench/one_launch.py, beside this script
 
 import kernels.frame_step
 from asr.features import N_MELS
-from asr.model import ASRModel, ModelDimensions
+from asr.model import ASRModel, EncoderState, ModelDimensions
 from kernels.encoder_step import stacked_pool
 
 
@@ -40,14 +40,17 @@ def variant(copies: int, side_by_side: bool) -> ModuleType:
     return mod
 
 
+def frame_pools(state: EncoderState) -> tuple[torch.Tensor, ...]:
+    """frame_step's pools of `state`: the front end's conv1 and conv2 caches, the layers' stacked conv and ssm."""
+    layers = state.layers
+    conv, ssm = stacked_pool([s.conv for s in layers]), stacked_pool([s.ssm for s in layers])
+    return state.frontend.conv1, state.frontend.conv2, conv, ssm
+
+
 def measure(mod: ModuleType, model: ASRModel, b: int, args: argparse.Namespace) -> tuple[float, float, float]:
     """(relative error against frame_step_ref, GPU us a call with a kept workspace, with a fresh one a call)."""
     w = model.encoder_weights()
-    state, ref = model.init_state(64, "cuda"), model.init_state(64, "cuda")
-    pools = (state.frontend.conv1, state.frontend.conv2, *(stacked_pool([getattr(s, k) for s in state.layers])
-                                                          for k in ("conv", "ssm")))  # fmt: skip
-    ref_pools = (ref.frontend.conv1, ref.frontend.conv2, *(stacked_pool([getattr(s, k) for s in ref.layers])
-                                                           for k in ("conv", "ssm")))  # fmt: skip
+    pools, ref_pools = frame_pools(model.init_state(64, "cuda")), frame_pools(model.init_state(64, "cuda"))
     slots = torch.arange(b, device="cuda") * 5
     feats = 3 * torch.randn(b, 4, N_MELS, device="cuda") - 8
     work = torch.zeros(mod.work_words(b, w), dtype=torch.int32, device="cuda")

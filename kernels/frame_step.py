@@ -36,8 +36,9 @@ channels) times the conv2 outputs, added into the front end's accumulator row. A
 the bias. The new cache rows (the last normalized frame; the last conv1 output row, a mel column a program) are
 written in phase 0, when every program has read the old ones.
 
-The barrier is `kernels/encoder_step.py`'s: a counter per stream and layer, zeroed with the accumulators by one
-memset a call; every program must be resident at once (`frame_step` refuses a grid larger than the SM count).
+The barrier is `kernels/encoder_step.py`'s: a counter per stream and layer, in the caller's zeroed workspace with
+the accumulators, which the one launch leaves zeroed for the next call (no memset a call); every program must be
+resident at once (`frame_step` refuses a grid larger than the SM count).
 Triton's interpreter runs programs one after another, so a barrier would never return there: the interpreter (and
 `persistent=False`) launches one phase at a time, each launch taking x from the front end's accumulators and
 replaying the residual adds of the layers before, and the group's first program computing layer l - 1's B and C
@@ -75,7 +76,7 @@ _MIN_BLOCK_P = 4
 _DTYPES = (torch.float32, torch.bfloat16)  # the packed column pairs' (float16 takes kernels/encoder_step.py)
 # Accumulator rows a layer, program q adding into row q % _COPIES: fewer atomics a row to serialize. H200, 1 x 1,
 # 12 x 256 bf16, the layers alone: 1 row 62.9 us, 2 60.0, 4 60.3, 8 63.6; at 4 x 1 no gain (86.1, 86.5; BENCHMARKS.md
-# session 16)
+# session 16). The whole model, session 17: 1 row 70.3 us, 2 66.0, 4 67.3, 8 73.2
 _COPIES = tl.constexpr(2)
 
 
@@ -511,7 +512,8 @@ def _acc_row(w: EncoderWeights) -> int:
 
 def _acc_strides(streams: int, w: EncoderWeights) -> tuple[int, int]:
     """(layer, copy) strides of the accumulator rows, in words: each copy of all streams' rows apart from the next,
-    (_COPIES, B, NL + 1, row), so that the copies' atomics land in different places of the L2."""
+    (_COPIES, B, NL + 1, row). A layer's copies side by side measured the same within run-to-run spread
+    (BENCHMARKS.md, session 17)."""
     return _acc_row(w), streams * (w.norm.shape[0] + 1) * _acc_row(w)
 
 
@@ -520,14 +522,12 @@ def work_words(streams: int, w: EncoderWeights) -> int:
     return _acc_words(streams, w) + streams * (w.norm.shape[0] + 2)
 
 
-def _check_work(work: torch.Tensor | None, feats: torch.Tensor, w: EncoderWeights) -> None:
-    """Raise ValueError unless `work` is None or a contiguous int32 tensor on feats' device of at least
-    `work_words(B, w)` words."""
+def _check_work(work: torch.Tensor | None, need: int, device: torch.device) -> None:
+    """Raise ValueError unless `work` is None or a contiguous int32 tensor on `device` of at least `need` words."""
     if work is None:
         return
-    need = work_words(feats.shape[0], w)
-    if work.dtype != torch.int32 or work.device != feats.device or not work.is_contiguous() or work.numel() < need:
-        raise ValueError(f"work must be a contiguous int32 tensor of at least {need} words on {feats.device}, got "
+    if work.dtype != torch.int32 or work.device != device or not work.is_contiguous() or work.numel() < need:
+        raise ValueError(f"work must be a contiguous int32 tensor of at least {need} words on {device}, got "
                          f"{work.dtype} {tuple(work.shape)} on {work.device}")  # fmt: skip
 
 
@@ -580,7 +580,8 @@ def frame_step(
     which the call leaves zeroed, so that a caller reusing it (a CUDA graph) needs no memset a call; default: a
     fresh one a call."""
     _check_args(feats, w, conv1, conv2, conv, ssm, slots)
-    _check_work(work, feats, w)
+    n_work = work_words(feats.shape[0], w)
+    _check_work(work, n_work, feats.device)
     if check:
         check_slots(slots, conv.shape[1])
     persistent = not _interpreting() if persistent is None else persistent
@@ -597,7 +598,7 @@ def frame_step(
     block_j = triton.next_power_of_2(d // 2)
     n_acc = _acc_words(b, w)
     given = work is not None
-    work = work if given else torch.zeros(work_words(b, w), device=feats.device, dtype=torch.int32)
+    work = work if given else torch.zeros(n_work, device=feats.device, dtype=torch.int32)
     out = torch.empty(b, 1, v, device=feats.device, dtype=torch.float32 if log_probs else w.norm.dtype)
     m1, m2 = halved(m), halved(halved(m))
     # conv2 channels an item: the fewest (a power of two) for which the M2 x C / CB items fit the programs
@@ -613,7 +614,7 @@ def frame_step(
              _packed(f.out_by_mel), f.out_bias)  # fmt: skip
     tensors = [t.contiguous() for t in w.tensors()]
     tensors[1], tensors[8], tensors[10] = _packed(w.in_proj), _packed(w.out_proj_t), _packed(w.head_weight)
-    accs, counters = work[:n_acc].view(torch.float32), work[n_acc : work_words(b, w)]
+    accs, counters = work[:n_acc].view(torch.float32), work[n_acc:n_work]
     args = (feats.contiguous(), out, slots.contiguous(), conv1, conv2, conv, ssm, *(t.contiguous() for t in front),
             *tensors, accs, counters, s, *_acc_strides(b, w))  # fmt: skip
     phases = [(-1, nl)] if persistent else [(i, i) for i in range(-1, nl + 1)]
