@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from asr.features import N_MELS, SUBSAMPLING
 from asr.model import ASRModel, EncoderState, Impl
@@ -112,15 +113,19 @@ class EncoderStepper:
         parts = [self._replay(feats[:, i : i + step], slots).clone() for i in range(0, feats.shape[1], step)]
         return torch.cat(parts, dim=1)
 
-    def warmup(self, frames: Sequence[int], batches: Sequence[int] | None = None) -> None:
+    def warmup(self, frames: Sequence[int], batches: Sequence[int] | None = None, progress: bool | None = None) -> None:
         """Capture the graphs for these frame counts and batch sizes (default: every bucket up to the capacity)
-        now, rather than on first use (a capture stalls every stream for a moment)."""
-        if self.graphs:
-            sizes = {bucket(b) for b in (batches if batches is not None else range(1, self.capacity + 1))}
-            with torch.inference_mode():
-                for size in sorted(sizes):
-                    for f in frames:
-                        self._graph(size, f)
+        now, rather than on first use (a capture stalls every stream). On a machine whose Triton cache
+        (~/.triton/cache) is empty, each new frame count first compiles its kernels, 10-20 s on an H100
+        (BENCHMARKS.md, session 18): `progress` shows a bar on stderr (default: when stderr is a terminal)."""
+        if not self.graphs:
+            return
+        sizes = sorted({bucket(b) for b in (batches if batches is not None else range(1, self.capacity + 1))})
+        keys = [(size, f) for size in sizes for f in frames if (size, f) not in self._captured]
+        bar = tqdm(keys, desc="capturing CUDA graphs", unit="graph", disable=None if progress is None else not progress)
+        with torch.inference_mode():
+            for size, f in bar:
+                self._graph(size, f)
 
     # ------------------------------------------------------------ internals
 

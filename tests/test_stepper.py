@@ -137,6 +137,24 @@ def test_stepper_rejects_bad_input(model: ASRModel) -> None:
         EncoderStepper(model, capacity=3, device="cpu", graphs=True)
 
 
+def test_warmup_captures_each_bucket_and_frame_count_once(
+    model: ASRModel, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`warmup` captures every (bucket, frames) not yet captured, with a progress bar when asked. The capture
+    itself needs CUDA (test_model_gpu.py): here it is recorded instead."""
+    stepper = EncoderStepper(model, capacity=5, device="cpu")
+    stepper.warmup([1, 4])  # no graphs: nothing to capture
+    assert stepper.captured == []
+    captures = []
+    monkeypatch.setattr(stepper, "graphs", True)
+    monkeypatch.setattr(stepper, "_capture", lambda size, frames: captures.append((size, frames)) or object())
+    stepper.warmup([1, 4], progress=True)
+    assert captures == [(1, 1), (1, 4), (2, 1), (2, 4), (4, 1), (4, 4), (8, 1), (8, 4)]
+    assert "capturing CUDA graphs" in capsys.readouterr().err
+    stepper.warmup([4, 2], batches=[3], progress=False)
+    assert captures[8:] == [(4, 2)] and capsys.readouterr().err == ""
+
+
 def test_bucket() -> None:
     assert [bucket(n) for n in (1, 2, 3, 5, 64, 65, 1000)] == [1, 2, 4, 8, 64, 128, 1024]
 
