@@ -116,8 +116,9 @@ class EncoderStepper:
     def warmup(self, frames: Sequence[int], batches: Sequence[int] | None = None, progress: bool | None = None) -> None:
         """Capture the graphs for these frame counts and batch sizes (default: every bucket up to the capacity)
         now, rather than on first use (a capture stalls every stream). On a machine whose Triton cache
-        (~/.triton/cache) is empty, each new frame count first compiles its kernels, 10-20 s on an H100
-        (BENCHMARKS.md, session 18): `progress` shows a bar on stderr (default: when stderr is a terminal)."""
+        (~/.triton/cache) is empty, the first capture of each frame count took 11-20 s on an H100, by inference
+        Triton's compile (BENCHMARKS.md, session 18). `progress` shows a bar on stderr (default: when stderr is a
+        terminal)."""
         if not self.graphs:
             return
         sizes = sorted({bucket(b) for b in (batches if batches is not None else range(1, self.capacity + 1))})

@@ -12,22 +12,12 @@ captured in one CUDA graph, median GPU us a call over `--replays` replays, with 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 
 import torch
-from frame_exchange import measure  # bench/frame_exchange.py, beside this script
+from frame_exchange import load, measure  # bench/frame_exchange.py, beside this script
 
 from asr.model import ASRModel, ModelDimensions
-
-
-def load(index: int, path: Path) -> ModuleType:
-    """The module in `path`, under a name of its own (Triton compiles each module's kernel apart)."""
-    spec = importlib.util.spec_from_file_location(f"frame_step_ab_{index}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main() -> None:
@@ -44,7 +34,7 @@ def main() -> None:
         p.error(f"no such file: {', '.join(missing)}")
     torch.manual_seed(0)
     model = ASRModel(ModelDimensions()).to("cuda", getattr(torch, args.dtype)).eval()
-    mods = [load(i, v) for i, v in enumerate(args.versions)]
+    mods = [load(f"frame_step_ab_{i}", v) for i, v in enumerate(args.versions)]
     print(f"{torch.cuda.get_device_name()}, {args.dtype}, GPU us a call (graph of {args.calls} calls)", flush=True)
     with torch.inference_mode():
         for r in range(args.rounds):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -28,12 +29,18 @@ from asr.model import ASRModel, EncoderState, ModelDimensions
 from kernels.encoder_step import stacked_pool
 
 
+def load(name: str, path: str | Path) -> ModuleType:
+    """A fresh module from `path` under `name` of its own (Triton compiles each module's kernel apart)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def variant(copies: int, side_by_side: bool) -> ModuleType:
     """A fresh copy of kernels/frame_step.py with `copies` accumulator rows a layer, laid out side by side (a layer's
     copies together) or copy by copy (the module's `_acc_strides`)."""
-    spec = importlib.util.spec_from_file_location(f"frame_step_{copies}_{side_by_side}", kernels.frame_step.__file__)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load(f"frame_step_{copies}_{side_by_side}", kernels.frame_step.__file__)
     mod._COPIES = tl.constexpr(copies)
     if side_by_side:
         mod._acc_strides = lambda streams, w: (copies * mod._acc_row(w), mod._acc_row(w))
