@@ -113,6 +113,20 @@ class EncoderStepper:
         parts = [self._replay(feats[:, i : i + step], slots).clone() for i in range(0, feats.shape[1], step)]
         return torch.cat(parts, dim=1)
 
+    def inputs(self, batch: int, frames: int) -> torch.Tensor:
+        """A device buffer (batch, 4 frames, n_mels) float32 for the features of a call of `batch` streams by
+        `frames` frames: under graphs (frames <= MAX_GRAPH_FRAMES) the graph's own static input, captured now if
+        it was not, so that a caller who writes the features there (`torch.stack(..., out=)`) and passes the
+        buffer saves the call's copy; else a new tensor. The next call of that shape overwrites it."""
+        if batch <= 0 or frames <= 0:
+            raise ValueError(f"batch and frames must be positive, got {batch} and {frames}")
+        if batch > self.capacity:
+            raise ValueError(f"batch must be at most the capacity {self.capacity}, got {batch}")
+        if not self.graphs or frames > MAX_GRAPH_FRAMES:
+            return torch.empty(batch, SUBSAMPLING * frames, N_MELS, device=self.device)
+        with torch.inference_mode():
+            return self._graph(bucket(batch), frames).feats[:batch]
+
     def warmup(self, frames: Sequence[int], batches: Sequence[int] | None = None, progress: bool | None = None) -> None:
         """Capture the graphs for these frame counts and batch sizes (default: every bucket up to the capacity)
         now, rather than on first use (a capture stalls every stream). On a machine whose Triton cache
@@ -154,7 +168,8 @@ class EncoderStepper:
         b, frames = feats.shape[0], feats.shape[1] // SUBSAMPLING
         g = self._graph(bucket(b), frames)
         full = b == g.feats.shape[0]  # no pad rows: no views to make (host time on the batch-1 path)
-        (g.feats if full else g.feats[:b]).copy_(feats)
+        if feats.data_ptr() != g.feats.data_ptr():  # else the caller wrote them there (`inputs`)
+            (g.feats if full else g.feats[:b]).copy_(feats)
         filled = tuple(slots) + (self.spare,) * (g.slots.shape[0] - b)
         if filled != g.filled:  # streams step the same slots chunk after chunk: skip the host-to-device copy then
             g.slots.copy_(torch.tensor(filled, dtype=torch.int64))

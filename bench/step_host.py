@@ -1,5 +1,6 @@
 """Where the wall time of one graphed batch-1 step goes outside the kernels: the whole `EncoderStepper` call against
-its graph's replay alone and against the floors of a launch and a sync, then a torch.profiler timeline of one step
+the same call given the graph's own input buffer (`EncoderStepper.inputs`: no copy), its graph's replay alone
+and against the floors of a launch and a sync, then a torch.profiler timeline of one step
 (host calls and GPU kernels on one clock, us from the step's start).
 
     source scripts/device_env.sh && python3 bench/step_host.py [--steps 2000] [--dtype bfloat16] [--out DIR]
@@ -94,12 +95,14 @@ def main() -> None:
     stepper = EncoderStepper(model, 1, "cuda")
     stepper.warmup([1], [1])
     feats = torch.randn(1, 4, N_MELS, device="cuda")
+    own = stepper.inputs(1, 1)  # the graph's static input: a call given it copies nothing
     graph = stepper._graph(1, 1).graph
     tiny = tiny_graph()
     spin_up(args.spin_up_seconds)
     with torch.inference_mode():
         rows = {
             "EncoderStepper call (1 x 1)": wall_us(lambda: stepper(feats, [0]), args.steps),
+            "the same, given its graph's input (`inputs`, no copy)": wall_us(lambda: stepper(own, [0]), args.steps),
             "its graph's replay alone": wall_us(graph.replay, args.steps),
             "a one-kernel graph's replay": wall_us(tiny.replay, args.steps),
             "a sync alone": wall_us(lambda: None, args.steps),

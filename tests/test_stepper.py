@@ -155,6 +155,21 @@ def test_warmup_captures_each_bucket_and_frame_count_once(
     assert captures[8:] == [(4, 2)] and capsys.readouterr().err == ""
 
 
+def test_inputs_buffer(model: ASRModel) -> None:
+    """Without graphs `inputs` is a new buffer of the call's shape, which the call takes as any features."""
+    stepper = EncoderStepper(model, capacity=3, device="cpu")
+    feats = torch.randn(2, 8, N_MELS)
+    buf = stepper.inputs(2, 2)
+    assert buf.shape == (2, 8, N_MELS) and buf.dtype == torch.float32
+    buf.copy_(feats)
+    torch.testing.assert_close(stepper(buf, [0, 2]), EncoderStepper(model, capacity=3, device="cpu")(feats, [0, 2]))
+    for batch, frames in ((0, 1), (1, 0)):
+        with pytest.raises(ValueError, match="must be positive"):
+            stepper.inputs(batch, frames)
+    with pytest.raises(ValueError, match="at most the capacity 3"):
+        stepper.inputs(4, 1)
+
+
 def test_bucket() -> None:
     assert [bucket(n) for n in (1, 2, 3, 5, 64, 65, 1000)] == [1, 2, 4, 8, 64, 128, 1024]
 
