@@ -184,7 +184,8 @@ class EncoderStepper:
         return self._captured[key]
 
     def _capture(self, size: int, frames: int) -> _Graph:
-        feats = torch.zeros(size, SUBSAMPLING * frames, N_MELS, device=self.device)
+        with torch.inference_mode(False):  # a plain tensor: `inputs` hands it out, to be written anywhere
+            feats = torch.zeros(size, SUBSAMPLING * frames, N_MELS, device=self.device)
         slots = torch.full((size,), self.spare, dtype=torch.int64, device=self.device)
         work = self._frame_work(size, frames)
         side = torch.cuda.Stream(self.device)

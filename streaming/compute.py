@@ -47,6 +47,10 @@ class Compute(Protocol):
     def features(self, windows: torch.Tensor) -> torch.Tensor:
         """windows (T, WINDOW_SAMPLES) -> log-mel (T, N_MELS)."""
 
+    def inputs(self, batch: int, frames: int) -> torch.Tensor:
+        """A buffer (batch, 4 frames, N_MELS) float32 on `device` for a step's features: a step given it (filled)
+        may skip a copy (`LocalCompute`'s is the CUDA graph's own input). The next step of that shape reuses it."""
+
     def step(self, feats: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """feats (B, 4 L, N_MELS) of the streams in `slots` -> log-probs (B, L, V) float32, advancing them."""
 
@@ -65,6 +69,9 @@ class LocalCompute:
 
     def features(self, windows: torch.Tensor) -> torch.Tensor:
         return self.logmel.frames(windows.to(self.device, non_blocking=True))
+
+    def inputs(self, batch: int, frames: int) -> torch.Tensor:
+        return self.stepper.inputs(batch, frames)
 
     def step(self, feats: torch.Tensor, slots: list[int]) -> torch.Tensor:
         return self.stepper(feats, slots)
@@ -148,6 +155,9 @@ class RemoteCompute:
             self._ask(Features(n))
             parts.append(self.buffers.feats[:n].clone())
         return torch.cat(parts)
+
+    def inputs(self, batch: int, frames: int) -> torch.Tensor:
+        return torch.empty(batch, SUBSAMPLING * frames, N_MELS)  # `step` copies it into the shared buffer
 
     def step(self, feats: torch.Tensor, slots: list[int]) -> torch.Tensor:
         b, frames = feats.shape[0], feats.shape[1] // SUBSAMPLING

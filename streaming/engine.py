@@ -300,7 +300,8 @@ class Engine:
                 return
             frames = min(MAX_CHUNK_FRAMES, *(s.pending.shape[0] // SUBSAMPLING for s in ready))
             n = frames * SUBSAMPLING
-            feats = torch.stack([s.pending[:n] for s in ready])
+            # written straight into the step's input buffer (on CUDA the graph's own: no copy in the step)
+            feats = torch.stack([s.pending[:n] for s in ready], out=self.compute.inputs(len(ready), frames))
             for s in ready:
                 s.pending = s.pending[n:]
             for s, done in zip(ready, self._step(ready, feats), strict=True):
