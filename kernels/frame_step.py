@@ -110,8 +110,9 @@ def _halves_of(ptr, jj, jmask):
 
 @triton.jit
 def _rms(xe, xo, we, wo, eps, dtype: tl.constexpr, D: tl.constexpr):
-    """rms_norm(x) w from the even and odd halves (BLOCK_J,) of x and w: the same halves, rounded to the model dtype."""
-    rstd = tl.rsqrt((tl.sum(xe * xe, axis=0) + tl.sum(xo * xo, axis=0)) / D + eps)
+    """rms_norm(x) w from the even and odd halves (BLOCK_J,) of x and w: the same halves, rounded to the model dtype.
+    One reduction over both halves: 1.1-1.3 us a call faster than two (H100, 1 x 1; BENCHMARKS.md, session 19)."""
+    rstd = tl.rsqrt(tl.sum(xe * xe + xo * xo, axis=0) / D + eps)
     return (xe * rstd * we).to(dtype).to(tl.float32), (xo * rstd * wo).to(dtype).to(tl.float32)
 
 
