@@ -159,7 +159,8 @@ def test_sixty_minute_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     the same input (relative error <= 1e-3), with no growth of the error, and the final SSM state with the
     pure-PyTorch reference's over the whole input in one call (its cuDNN convs held to float32, not TF32). On a
     fresh machine (Triton's cache empty) each of the 16 chunk lengths' first calls compiles for 11-20 s on an H100
-    (`bench/first_calls.py`, BENCHMARKS session 18): give this test about 10 minutes of its own."""
+    (`bench/first_calls.py`, BENCHMARKS session 18): give this test about 10 minutes of its own, or run
+    `scripts/precompile_sixty.py` first (all lengths at once: 25 s, then this test 41 s, on an H100; session 19)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(random.randrange(2**31))
     dims = ModelDimensions()
