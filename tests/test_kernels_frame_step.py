@@ -17,9 +17,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 import kernels.frame_step
 from asr.features import N_MELS
@@ -27,6 +24,7 @@ from asr.model import ASRModel, Impl, ModelDimensions
 from kernels.encoder_step import EncoderWeights, stacked_pool
 from kernels.frame_step import frame_step, frame_step_ref, work_words
 from kernels.frontend import FrontEndWeights
+from kernels.static import compile_frame_kernel
 from tests.conftest import TINY
 from tests.test_kernels_encoder_step import SMALL, _model, _rel, assert_within
 from tests.test_kernels_encoder_step import _float32 as float32_layers
@@ -171,21 +169,7 @@ def test_model_chunk_of_one_frame_takes_frame_step(monkeypatch: pytest.MonkeyPat
 
 def compile_for_hopper() -> None:
     """Compile the one-launch kernel (grid barriers included) for sm_90 at the default model's shapes, bf16."""
-    kernel = kernels.frame_step._frame_kernel
-    consts = dict(NL=12, D=256, H=8, P=64, N=64, G=1, K=4, V=29, C=64, M2=20, BLOCK_J=128, BLOCK_P=4, BLOCK_N=64,
-                  BLOCK_K=4, BLOCK_V=32, BLOCK_C=64, BLOCK_M=128, CB=16, SYNC=True, LOG_PROBS=True)  # fmt: skip
-    pairs = {"lin_ptr", "in_ptr", "outw_ptr", "hw_ptr"}
-    signature = {
-        n: "constexpr" if n in consts else "*i64" if n == "slots_ptr" else "*i32" if n in pairs | {"bar_ptr"}
-        else "*fp32" if n in {"feats_ptr", "out_ptr", "ssm_ptr", "acc_ptr"} else "*bf16" if n.endswith("_ptr")
-        else "fp32" if n == "eps" else "i32"
-        for n in kernel.arg_names
-    }  # fmt: skip
-    # the 16-byte alignment a launch finds its tensors at (the weight loads are vectorized by it)
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n.endswith("_ptr")}
-    constexprs = {(kernel.arg_names.index(c),): v for c, v in consts.items()}
-    src = ASTSource(kernel, signature, constexprs=constexprs, attrs=aligned)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": kernels.frame_step._WARPS})
+    compiled = compile_frame_kernel(kernels.frame_step._frame_kernel, kernels.frame_step._WARPS)
     if "atom.global.gpu.release" not in compiled.asm["ptx"] or not compiled.asm["cubin"]:
         raise RuntimeError("no grid barrier or no cubin")
 
