@@ -13,7 +13,7 @@ import kernels.encoder_step
 import kernels.frontend
 from asr.features import CMVN, N_MELS
 from asr.model import ASRModel, Impl, MambaBlock
-from asr.stepper import EncoderStepper, bucket
+from asr.stepper import EncoderStepper, _Graph, bucket
 from tests.conftest import TINY
 
 
@@ -168,6 +168,32 @@ def test_inputs_buffer(model: ASRModel) -> None:
             stepper.inputs(batch, frames)
     with pytest.raises(ValueError, match="at most the capacity 3"):
         stepper.inputs(4, 1)
+
+
+def test_graph_input_is_written_in_place_or_copied(model: ASRModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under graphs (the capture recorded, as CUDA is needed for it): `inputs` is the captured graph's own static
+    input, rows [:batch] of its bucket; a replay sees the features written there, and features given in any other
+    tensor are copied there first."""
+    stepper = EncoderStepper(model, capacity=5, device="cpu")
+    seen: list[torch.Tensor] = []
+
+    def capture(size: int, frames: int) -> _Graph:
+        with torch.inference_mode(False):  # as `_capture` makes it: a plain tensor that `inputs` hands out
+            feats = torch.zeros(size, 4 * frames, N_MELS)
+        replay = type("Replay", (), {"replay": lambda _: seen.append(feats.clone())})()
+        log_probs = torch.zeros(size, frames, model.dims.vocab_size)
+        return _Graph(replay, feats, torch.full((size,), stepper.spare), log_probs, (stepper.spare,) * size, None)
+
+    monkeypatch.setattr(stepper, "graphs", True)
+    monkeypatch.setattr(stepper, "_capture", capture)
+    buf = stepper.inputs(3, 2)
+    assert buf.shape == (3, 8, N_MELS) and buf.data_ptr() == stepper._captured[(4, 2)].feats.data_ptr()
+    written = torch.randn(3, 8, N_MELS)
+    buf.copy_(written)
+    stepper(buf, [0, 2, 4])
+    given = torch.randn(3, 8, N_MELS)
+    stepper(given, [0, 2, 4])
+    assert torch.equal(seen[0][:3], written) and torch.equal(seen[1][:3], given)
 
 
 def test_bucket() -> None:
