@@ -390,8 +390,12 @@ def _frame_kernel(feats_ptr, out_ptr, slots_ptr, c1_ptr, c2_ptr, conv_ptr, ssm_p
     for phase in range(tl.maximum(first, 0), last + 1):
         layer = tl.minimum(phase, NL - 1)  # the last phase loads (and leaves) the last layer's tiles
         w_in = in_ptr + layer * (DI + CD + H) * J
-        w_z = _wrows(w_in, h * P + rp, pmask, jj, jmask, J)
-        w_x = _wrows(w_in, DI + h * P + rp, pmask, jj, jmask, J)
+        # z and x rows as one interleaved tile (z_0, x_0, z_1, ...) in the B and C tile's layout: one reduction and two
+        # layout conversions fewer a layer. H100, bf16, GPU us a call at 1 / 2 / 4 streams: 62.9 / 75.0 / 94.1 against
+        # 65.4 / 76.2 / 96.0 as two tiles (BENCHMARKS.md, session 20)
+        zx = tl.arange(0, 2 * BLOCK_P)
+        zx_rows = (zx % 2) * DI + h * P + (q % n_rb) * BLOCK_P + zx // 2
+        w_zx = _wrows(w_in, zx_rows, (q % n_rb) * BLOCK_P + zx // 2 < P, jj, jmask, J)
         w_b = _wrows(w_in, 2 * DI + grp * N + nn, nmask, jj, jmask, J)
         w_c = _wrows(w_in, 2 * DI + (G + grp) * N + nn, nmask, jj, jmask, J)
         w_dt = tl.load(w_in + (DI + CD + h) * J + jj, mask=jmask, other=0)
@@ -432,8 +436,7 @@ def _frame_kernel(feats_ptr, out_ptr, slots_ptr, c1_ptr, c2_ptr, conv_ptr, ssm_p
             xe, xo = _front_x(accs + NL * LS, CS, lb_ptr, SYNC, bars + NL, jj, jmask, dtype, NP, BLOCK_J)
         if phase < NL:
             he, ho = _rms(xe, xo, nw_e, nw_o, eps, dtype, D)
-            z = _matvec(w_z, he, ho, dtype)
-            vx = _matvec(w_x, he, ho, dtype)
+            z, vx = tl.split(tl.reshape(_matvec(w_zx, he, ho, dtype), (BLOCK_P, 2)))
             vb = _matvec(w_b, he, ho, dtype)
             vc = _matvec(w_c, he, ho, dtype)
             dt_lo, dt_hi = _halves(w_dt)
