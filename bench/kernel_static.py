@@ -4,8 +4,8 @@
 
     python3 bench/kernel_static.py kernels/frame_step.py [VARIANT.py ...] [--list]
 
-A variant is any file with the module's `_frame_kernel` and `_WARPS`, such as `bench/variants/`'s patches applied
-(`patch -o /tmp/v.py kernels/frame_step.py bench/variants/zx8_all.patch`). Fewer conversions and barriers are a
+A variant is any file with the module's `_frame_kernel` and `_WARPS`, such as an edited copy of the module
+(`cp kernels/frame_step.py /tmp/v.py`, then edit). Fewer conversions and barriers are a
 hint, not a timing: `bench/frame_ab.py` on the GPU decides (BENCHMARKS.md, session 19).
 """
 
