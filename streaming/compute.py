@@ -189,6 +189,7 @@ class StepSpec:
     model_dir: Path
     device: str
     vocab_size: int
+    dtype: torch.dtype = torch.float32  # the model's (`asr serve --dtype`); the SSM state is float32 whatever it is
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def run_step_process(plan: StepPlan, ready: Connection) -> None:
         signal.signal(sig, signal.SIG_IGN)  # the workers drain through us; we stop when they hang up
     torch.set_num_threads(STEP_THREADS)
     device = torch.device(plan.spec.device)
-    model, _ = load_model(plan.spec.model_dir, device=device)
+    model, _ = load_model(plan.spec.model_dir, device=device, dtype=plan.spec.dtype)
     compute = LocalCompute(model, plan.slots_per_worker * len(plan.conns), device)
     ready.send(True)
     ready.close()

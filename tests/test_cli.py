@@ -3,8 +3,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from asr.cli import main
+from asr.checkpoint import load_model
+from asr.cli import build_parser, build_server, main
+from asr.transcribe import transcribe_file
 from tests.captions import parse_srt, parse_vtt
 from tests.conftest import bursty_audio
 
@@ -119,3 +122,32 @@ def test_convert_writes_each_format_and_refuses_its_input(
     assert code == 0 and (tmp_path / "speech.txt").is_file(), err
     code, _, err = _run(capsys, "convert", tiny_model_dir, tiny_model_dir)
     assert code == 2 and "must differ" in err
+
+
+def test_dtype_runs_the_model_in_bfloat16(capsys, tiny_model_dir: Path, speech_wav: Path, tmp_path: Path) -> None:
+    """`--dtype bfloat16` loads the model in bfloat16: `asr transcribe` writes what `transcribe_file` gives with the
+    model loaded so, and its word confidences differ from float32's (the dtype reached the model)."""
+    words = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        argv = ("transcribe", speech_wav, "--model", tiny_model_dir, "-o", out, "-f", "json", "-q", "--dtype", dtype)
+        assert _run(capsys, *argv)[0] == 0
+        data = json.loads((out / "speech.json").read_text())
+        model, _ = load_model(tiny_model_dir, dtype=getattr(torch, dtype))
+        assert data["text"] == transcribe_file(speech_wav, model).text and data["text"]
+        words[dtype] = [w for seg in data["segments"] for w in seg["words"]]
+    assert [w["conf"] for w in words["float32"]] != [w["conf"] for w in words["bfloat16"]]
+    with pytest.raises(SystemExit):
+        main(["transcribe", str(speech_wav), "--dtype", "float16"])
+    assert "invalid choice: 'float16'" in capsys.readouterr().err
+
+
+def test_serve_dtype_reaches_the_model_and_the_ready_message(tiny_model_dir: Path) -> None:
+    """`asr serve --dtype bfloat16` builds its server on a bfloat16 model and names the dtype in the `ready`
+    message's model info (docs/protocol.md)."""
+    for dtype in ("float32", "bfloat16"):
+        args = build_parser().parse_args(["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--no-lm",
+                                          "--port", "0", "--dtype", dtype])  # fmt: skip
+        server = build_server(args)
+        assert server.model_info["dtype"] == dtype
+        assert {p.dtype for p in server.model.parameters()} == {getattr(torch, dtype)}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import streaming.workers
+from asr.checkpoint import load_config, load_model
 from asr.features import N_MELS, WINDOW_SAMPLES, LogMel
 from asr.stepper import EncoderStepper
 from streaming.compute import Features, LocalCompute, Reset, SharedBuffers, Step, StepPlan, StepSpec, _answer
@@ -128,6 +129,29 @@ def test_remote_compute_through_a_real_step_process(tiny_model, tiny_model_dir) 
         torch.testing.assert_close(first, expected[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(second, expected[1], rtol=1e-5, atol=1e-5)
         assert second.shape[1] == 20
+    finally:
+        remote.conn.close()
+        proc.join(30)
+    assert proc.exitcode == 0
+
+
+def test_step_process_loads_the_model_in_the_asked_dtype(tiny_model_dir) -> None:
+    """`asr serve --dtype bfloat16 --step-process`: the step process loads the model in bfloat16, so its steps equal
+    a local bfloat16 model's and differ from float32's."""
+    ctx = mp.get_context("spawn")
+    vocab = load_config(tiny_model_dir).dims.vocab_size
+    proc, (remote,) = streaming.workers._start_step_process(
+        ctx, StepSpec(tiny_model_dir, "cpu", vocab, torch.bfloat16), count=1, per_worker=1
+    )
+    try:
+        feats = torch.randn(1, 4 * 5, N_MELS, generator=torch.Generator().manual_seed(3)) * 3 - 8
+        got = remote.step(feats, [0]).clone()
+        expected = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            local = LocalCompute(load_model(tiny_model_dir, dtype=dtype)[0], 1, torch.device("cpu"))
+            expected[dtype] = local.step(feats, [0])
+        torch.testing.assert_close(got, expected[torch.bfloat16], rtol=0, atol=0)
+        assert not torch.allclose(got, expected[torch.float32], rtol=1e-4, atol=1e-4)
     finally:
         remote.conn.close()
         proc.join(30)
