@@ -519,8 +519,8 @@ def build_server(args: argparse.Namespace, plan=None):
     device = resolve_device(args.device)
     model_dir = resolve_model_dir(args.model)
     compute = None if plan is None else plan.compute
-    dtype = DTYPES[args.dtype]
-    model, _ = load_model(model_dir, device=device if compute is None else "cpu", dtype=dtype)  # the step process has the GPU
+    where = device if compute is None else "cpu"  # the step process has the GPU
+    model, _ = load_model(model_dir, device=where, dtype=DTYPES[args.dtype])
     search = resolve_lm(args, model_dir)
     server_config = ServerConfig(
         host=args.host,

@@ -46,6 +46,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from asr import DEFAULT_MODEL_DIR
 from asr.checkpoint import load_model
+from asr.cli import DTYPES
 from asr.lm import BeamSearch, SegmentRescorer, find_lm
 from asr.transcribe import transcribe_file
 from streaming import protocol as P
@@ -133,8 +134,8 @@ def make_clips(folder: Path) -> list[Path]:
     return clips
 
 
-def offline_transcripts(paths: list[Path], model_dir: Path, device: str, lm: bool) -> list[str]:
-    model, _ = load_model(model_dir, device=device)  # the reference runs on the server's device
+def offline_transcripts(paths: list[Path], model_dir: Path, device: str, dtype: str, lm: bool) -> list[str]:
+    model, _ = load_model(model_dir, device=device, dtype=DTYPES[dtype])  # the reference runs as the server does
     lm_dir = find_lm(model_dir) if lm else None
     search = BeamSearch(lm_dir) if lm_dir else None
     return [
@@ -143,10 +144,10 @@ def offline_transcripts(paths: list[Path], model_dir: Path, device: str, lm: boo
     ]
 
 
-def reference_transcripts(paths: list[Path], model_dir: Path, device: str, lm: bool) -> list[str]:
+def reference_transcripts(paths: list[Path], model_dir: Path, device: str, dtype: str, lm: bool) -> list[str]:
     """`asr transcribe` of each clip, in a child process: this one never holds GPU memory (nvidia-smi sees it)."""
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(offline_transcripts, paths, model_dir, device, lm).result()
+        return pool.submit(offline_transcripts, paths, model_dir, device, dtype, lm).result()
 
 
 # ---------------------------------------------------------------- client processes
@@ -249,7 +250,7 @@ class ClientPool:
 
 
 def start_server(args: argparse.Namespace) -> Server:
-    serve = ["serve", "--model", str(args.model), "--port", "0", "--device", args.device]
+    serve = ["serve", "--model", str(args.model), "--port", "0", "--device", args.device, "--dtype", args.dtype]
     serve += ["--max-streams", str(args.max_streams), "--workers", str(args.workers)]
     serve += ["--lm-processes", str(args.lm_processes)] + (["--no-lm"] if args.no_lm else [])
     serve += ["--step-process" if args.step_process else "--no-step-process"]
@@ -480,6 +481,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--streams", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16], help="N values to run")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="model directory (default: the bundled one)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the server's device (default: cpu)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="asr serve --dtype (default: float32)")
     p.add_argument("--max-streams", type=positive_int, help="the server's slots (default: the largest N)")
     p.add_argument("--chunk-ms", type=positive_int, default=100, help="audio per client message (default: 100)")
     default_procs = max(1, min(8, (os.cpu_count() or 2) // 2))
@@ -522,7 +524,7 @@ def main() -> None:
     gpu = gpu_to_watch(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_clips(Path(tmp))
-        expected = reference_transcripts(paths, args.model, args.device, not args.no_lm)
+        expected = reference_transcripts(paths, args.model, args.device, args.dtype, not args.no_lm)
         clips = [sf.read(c, dtype="float32")[0] for c in paths]
     server = start_server(args)
     rows = []
