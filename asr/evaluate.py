@@ -98,6 +98,7 @@ class EvalSummary:
     rtfx: float  # seconds of audio per second of processing (model and decoding)
     mode: str
     decoder: str = "greedy"  # or "lm" (lexicon beam search with the word LM)
+    dtype: str = "float32"  # the model's (`asr eval --dtype`)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -106,7 +107,7 @@ class EvalSummary:
         """The printed summary; its last line is `WER <x.xx>% on <n> utterances (<h.hh> h)`."""
         return "\n".join(
             [
-                f"data:        {data} ({self.mode}, {self.decoder} decoding)",
+                f"data:        {data} ({self.mode}, {self.decoder} decoding, {self.dtype})",
                 f"WER:         {100 * self.wer:.2f}%  (S={self.substitutions} D={self.deletions} "
                 f"I={self.insertions} N={self.ref_words})",
                 f"CER:         {100 * self.cer:.2f}%",
@@ -181,11 +182,17 @@ def evaluate(
             results.append(UtteranceResult(u.id, ref, hyp, audio.numel() / SAMPLE_RATE, words, chars, alignment))
         bar.update(len(group))
     bar.close()
-    return summarize(results, failed, compute_s, mode, "greedy" if search is None else "lm"), results
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return summarize(results, failed, compute_s, mode, "greedy" if search is None else "lm", dtype), results
 
 
 def summarize(
-    results: Sequence[UtteranceResult], failed: int, compute_s: float, mode: str, decoder: str = "greedy"
+    results: Sequence[UtteranceResult],
+    failed: int,
+    compute_s: float,
+    mode: str,
+    decoder: str = "greedy",
+    dtype: str = "float32",
 ) -> EvalSummary:
     words = sum((r.words for r in results), ErrorCounts())
     chars = sum((r.chars for r in results), ErrorCounts())
@@ -203,6 +210,7 @@ def summarize(
         rtfx=seconds / compute_s if compute_s > 0 else 0.0,
         mode=mode,
         decoder=decoder,
+        dtype=dtype,
     )
 
 

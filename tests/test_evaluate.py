@@ -81,5 +81,9 @@ def test_eval_cli(capsys, tiny_corpus: Path, tiny_model_dir: Path, tmp_path: Pat
     assert summary["utterances"] == 3 and f"{100 * summary['wer']:.2f}%" in last
     assert {"wer", "cer", "substitutions", "deletions", "insertions", "hours", "rtfx"} <= set(summary)
     assert (tmp_path / "e.txt").read_text().count("REF:") == 3
+    assert summary["dtype"] == "float32" and "greedy decoding, float32)" in out
+    assert main([*args, "--limit", "1", "--json", str(tmp_path / "b.json"), "--dtype", "bfloat16"]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["dtype"] == "bfloat16"
+    assert "greedy decoding, bfloat16)" in capsys.readouterr().out
     assert main(["eval", "--data", str(tmp_path / "missing"), "--model", str(tiny_model_dir)]) == 2
     assert "not found" in capsys.readouterr().err
