@@ -192,6 +192,9 @@ def _dequantized(tensors: dict[str, torch.Tensor], names: tuple[str, ...], where
     return out
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what `--dtype` loads a model as, by name
+
+
 def load_model(
     directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[ASRModel, ModelConfig]:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from asr import DEFAULT_MODEL_DIR, __version__
 from asr.audio import AudioError
-from asr.checkpoint import ModelLoadError, load_config, load_model, save_model
+from asr.checkpoint import DTYPES, ModelLoadError, load_config, load_model, save_model
 from asr.decoding import Segment, SegmenterConfig
 from asr.lm import BeamConfig, BeamSearch, LMError, SegmentRescorer, find_lm
 from asr.model import ASRModel, ModelDimensions
@@ -62,9 +62,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help=f"model directory (default: the bundled {DEFAULT_MODEL_DIR})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: auto)")
@@ -73,8 +70,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         choices=tuple(DTYPES),
         default="float32",
         help="the weights' and activations' type; the recurrent (SSM) state stays float32 either way. On a GPU "
-        "bfloat16 about halves the fused one-frame step's time (BENCHMARKS.md, session 20); on the model card's "
-        "test sets it moved WER by at most 0.2 points (models/default/README.md). Default: float32",
+        "the one-frame kernel that `asr serve` steps live streams with takes about half the time in bfloat16 "
+        "(BENCHMARKS.md, session 20); no faster on the CPU. bfloat16 results match float32's within its rounding, "
+        "not exactly: on the model card's test sets WER moved by at most 0.2 points (models/default/README.md), "
+        "and streamed and offline results can differ slightly. Default: float32",
     )
 
 
@@ -227,8 +226,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         help="rewrite a model directory's weights as float32, float16 or int8",
         description="Copy a model directory (a training checkpoint or a released model) with its weights stored "
         "as float32, float16 (half the size) or int8 (the large matrices as int8 with one float32 scale per "
-        "output row, the rest float16: about a quarter of float32). Weights are always computed in float32 "
-        "after loading. A lm/ folder next to the weights is copied too.",
+        "output row, the rest float16: about a quarter of float32). Any stored format is loaded as float32 "
+        "(then cast to `--dtype` by the commands that take it). A lm/ folder next to the weights is copied too.",
     )
     p.add_argument("model", type=Path, help="model directory to read")
     p.add_argument("out", type=Path, help="model directory to write (must not be the input)")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asr.checkpoint import load_model
+from asr.checkpoint import DTYPES, load_model
 from asr.features import N_MELS, SUBSAMPLING
 from streaming.engine import Command, Engine
 from streaming.protocol import StreamOptions
@@ -48,8 +48,8 @@ class NoModel:
         pass
 
 
-async def run(model_dir: Path, streams: int, ticks: int, device: torch.device, no_model: bool) -> None:
-    model, _ = load_model(model_dir, device=device)
+async def run(model_dir: Path, streams: int, ticks: int, device: torch.device, dtype: str, no_model: bool) -> None:
+    model, _ = load_model(model_dir, device=device, dtype=DTYPES[dtype])
     engine = Engine(model, device, streams, compute=NoModel(model.dims.vocab_size) if no_model else None)
     loop = asyncio.get_running_loop()
     opened = [engine.open(16000, StreamOptions(partial_interval_s=0.04), lambda *_: None) for _ in range(streams)]
@@ -73,10 +73,11 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--ticks", type=int, default=50)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="as `asr serve --dtype`")
     p.add_argument("--no-model", action="store_true", help="time everything but the model (see above)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    asyncio.run(run(args.model, args.streams, args.ticks, torch.device(args.device), args.no_model))
+    asyncio.run(run(args.model, args.streams, args.ticks, torch.device(args.device), args.dtype, args.no_model))
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ then closes. Stream starts are spread evenly over one chunk period. The N stream
 - final latency: arrival of a final minus the send time of the chunk holding its `end` (it
   includes the endpoint pause, `pause_s` = 0.8 s by default, by design);
 - server CPU (cores busy) and RSS, from /proc, summed over its worker processes; whether every
-  transcript equals the offline one;
+  transcript equals the offline one (`asr transcribe` in the same `--dtype`; in bfloat16 the two agree only within
+  its rounding, so a transcript can differ without anything being wrong);
 - on CUDA: mean GPU utilisation and the most GPU memory used (nvidia-smi, whole GPU, sampled every 0.5 s).
 Latencies use time.monotonic(), which all processes share.
 
-    python bench/load.py --streams 1 4 8 16 [--model DIR] [--device cpu]
+    python bench/load.py --streams 1 4 8 16 [--model DIR] [--device cpu] [--dtype float32|bfloat16]
     python bench/load.py --streams 8 --soak-minutes 30     # constant load: RSS (and GPU memory), warmed up vs end
 """
 
@@ -45,8 +46,7 @@ import torchaudio
 from websockets.asyncio.client import ClientConnection, connect
 
 from asr import DEFAULT_MODEL_DIR
-from asr.checkpoint import load_model
-from asr.cli import DTYPES
+from asr.checkpoint import DTYPES, load_model
 from asr.lm import BeamSearch, SegmentRescorer, find_lm
 from asr.transcribe import transcribe_file
 from streaming import protocol as P
@@ -527,6 +527,7 @@ def main() -> None:
         expected = reference_transcripts(paths, args.model, args.device, args.dtype, not args.no_lm)
         clips = [sf.read(c, dtype="float32")[0] for c in paths]
     server = start_server(args)
+    print(f"asr serve --device {args.device} --dtype {args.dtype} --workers {args.workers}", flush=True)
     rows = []
     try:
         with ClientPool(args.client_procs, server.url, clips, args.chunk_ms) as pool:

@@ -184,12 +184,13 @@ class RemoteCompute:
 
 @dataclass(frozen=True)
 class StepSpec:
-    """What `asr serve --step-process` asks for: the model, the device to run it on, its vocabulary size."""
+    """What `asr serve --step-process` asks for: the model, the device to run it on, its vocabulary size and the
+    dtype to load it as."""
 
     model_dir: Path
     device: str
     vocab_size: int
-    dtype: torch.dtype = torch.float32  # the model's (`asr serve --dtype`); the SSM state is float32 whatever it is
+    dtype: torch.dtype  # the model's (`asr serve --dtype`); the SSM state is float32 whatever it is
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import streaming.workers
 from asr.checkpoint import load_model
 from asr.cli import build_parser, build_server, main
 from asr.transcribe import transcribe_file
@@ -151,3 +152,13 @@ def test_serve_dtype_reaches_the_model_and_the_ready_message(tiny_model_dir: Pat
         server = build_server(args)
         assert server.model_info["dtype"] == dtype
         assert {p.dtype for p in server.model.parameters()} == {getattr(torch, dtype)}
+
+
+def test_serve_dtype_reaches_the_step_process(monkeypatch, tiny_model_dir: Path) -> None:
+    """`asr serve --workers 2 --step-process --dtype bfloat16` asks its step process for a bfloat16 model."""
+    asked = []
+    monkeypatch.setattr(streaming.workers, "run_workers", lambda build, args, n, ready, step: asked.append(step) or 0)
+    for dtype in ("bfloat16", "float32"):
+        argv = ["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--no-lm", "--workers", "2"]
+        assert main([*argv, "--max-streams", "4", "--step-process", "--dtype", dtype]) == 0
+    assert [step.dtype for step in asked] == [torch.bfloat16, torch.float32]
