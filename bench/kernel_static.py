@@ -26,13 +26,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("versions", type=Path, nargs="+", help="files with kernels/frame_step.py's interface")
     p.add_argument("--list", action="store_true", help="print each layout conversion's source lines and type")
+    p.add_argument("--block-p", type=int, choices=(4, 8, 16), default=4,
+                   help="state rows a program: 4, 8 or 16, the launch of 1, 2 or 4 streams (default: 4)")  # fmt: skip
     args = p.parse_args()
     missing = [str(v) for v in args.versions if not v.is_file()]
     if missing:
         p.error(f"no such file: {', '.join(missing)}")
     for i, path in enumerate(args.versions):
         mod = load(f"frame_step_static_{i}", path)
-        compiled = compile_frame_kernel(mod._frame_kernel, mod._WARPS)
+        compiled = compile_frame_kernel(mod._frame_kernel, mod._WARPS, block_p=args.block_p)
         found = conversions(compiled)
         bars = compiled.asm["ptx"].count("bar.sync")
         print(f"{path}: {ptxas_usage(compiled)}; {bars} bar.sync; {len(found)} layout conversions", flush=True)

@@ -3,7 +3,8 @@ compiler and ptxas ship with Triton): the check that it compiles, and the static
 may go (registers, spills, `bar.sync` count, layout conversions).
 
 Shapes: the default model's (`ModelDimensions()`: 12 layers, d_model 256, d_state 64, head_dim 64), bf16, one
-stream (BLOCK_P 4, 128 programs), with the 16-byte pointer alignment a launch finds its tensors at (without it the
+stream (BLOCK_P 4, 128 programs; `block_p` 8 and 16 are the launches of 2 and 4 streams, 64 and 32 programs a
+stream), with the 16-byte pointer alignment a launch finds its tensors at (without it the
 weight loads are not vectorized and the kernel spills; BENCHMARKS.md, session 17).
 """
 
@@ -21,6 +22,7 @@ from triton.runtime.jit import JITFunction
 
 _CONSTS = dict(NL=12, D=256, H=8, P=64, N=64, G=1, K=4, V=29, C=64, M2=20, BLOCK_J=128, BLOCK_P=4, BLOCK_N=64,
                BLOCK_K=4, BLOCK_V=32, BLOCK_C=64, BLOCK_M=128, CB=16, SYNC=True, LOG_PROBS=True)  # fmt: skip
+_CB = {4: 16, 8: 32, 16: 64}  # `frame_step`'s conv2 channels an item for BLOCK_P 4, 8, 16 (128, 64, 32 programs)
 _PAIRS = {"lin_ptr", "in_ptr", "outw_ptr", "hw_ptr"}  # weights read as packed column pairs (int32)
 _FLOAT32 = {"feats_ptr", "out_ptr", "ssm_ptr", "acc_ptr"}
 
@@ -39,12 +41,16 @@ def _arg_type(name: str) -> str:
     return "fp32" if name == "eps" else "i32"
 
 
-def compile_frame_kernel(kernel: JITFunction, num_warps: int, capability: int = 90) -> CompiledKernel:
-    """`_frame_kernel` (or a variant's, same arguments) compiled for sm_`capability` at the default shapes."""
+def compile_frame_kernel(kernel: JITFunction, num_warps: int, capability: int = 90, block_p: int = 4) -> CompiledKernel:
+    """`_frame_kernel` (or a variant's, same arguments) compiled for sm_`capability` at the default shapes, with
+    `block_p` state rows a program (4, 8 or 16: `frame_step`'s choice for 1, 2 or 4 streams on an H100 or H200)."""
+    if block_p not in _CB:
+        raise ValueError(f"block_p must be one of {sorted(_CB)}, got {block_p}")
     names = kernel.arg_names
     signature = {n: _arg_type(n) for n in names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr")}
-    constexprs = {(names.index(c),): v for c, v in _CONSTS.items()}
+    consts = {**_CONSTS, "BLOCK_P": block_p, "CB": _CB[block_p]}
+    constexprs = {(names.index(c),): v for c, v in consts.items()}
     src = ASTSource(kernel, signature, constexprs=constexprs, attrs=aligned)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
 

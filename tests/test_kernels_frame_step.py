@@ -181,6 +181,8 @@ def test_kernel_compiles_for_hopper() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    with pytest.raises(ValueError, match="block_p must be one of"):
+        compile_frame_kernel(kernels.frame_step._frame_kernel, kernels.frame_step._WARPS, block_p=32)
 
 
 @pytest.mark.gpu
