@@ -491,6 +491,13 @@ def block_p_for(w: EncoderWeights, streams: int, device: torch.device) -> int | 
     return block_p
 
 
+def conv2_block(channels: int, m2: int, n_programs: int) -> int:
+    """The front end's conv2 output channels an item (CB): the fewest, a power of two at least 4, for which its
+    m2 x channels / CB items fit `n_programs` programs."""
+    fit = triton.next_power_of_2(triton.cdiv(channels * m2, n_programs))
+    return min(max(4, fit), max(4, triton.next_power_of_2(channels)))
+
+
 def takes(feats: torch.Tensor, w: EncoderWeights) -> bool:
     """Whether `frame_step` takes feats (B, 4 L, n_mels): one encoder frame (L = 1), the model in float32 or bfloat16
     with d_model even, and a grid for B streams that fits on the device."""
@@ -605,8 +612,7 @@ def frame_step(
     work = work if given else torch.zeros(n_work, device=feats.device, dtype=torch.int32)
     out = torch.empty(b, 1, v, device=feats.device, dtype=torch.float32 if log_probs else w.norm.dtype)
     m1, m2 = halved(m), halved(halved(m))
-    # conv2 channels an item: the fewest (a power of two) for which the M2 x C / CB items fit the programs
-    cb = min(max(4, triton.next_power_of_2(triton.cdiv(c * m2, n_programs))), max(4, triton.next_power_of_2(c)))
+    cb = conv2_block(c, m2, n_programs)
     consts = dict(
         NL=nl, D=d, H=h, P=p, N=n, G=w.n_groups, K=k, V=v, C=c, M2=m2, BLOCK_J=block_j, BLOCK_P=block_p,
         BLOCK_N=triton.next_power_of_2(n), BLOCK_K=triton.next_power_of_2(k - 1),

@@ -20,15 +20,17 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource, CompiledKernel
 from triton.runtime.jit import JITFunction
 
-_CONSTS = dict(NL=12, D=256, H=8, P=64, N=64, G=1, K=4, V=29, C=64, M2=20, BLOCK_J=128, BLOCK_P=4, BLOCK_N=64,
-               BLOCK_K=4, BLOCK_V=32, BLOCK_C=64, BLOCK_M=128, CB=16, SYNC=True, LOG_PROBS=True)  # fmt: skip
-_CB = {4: 16, 8: 32, 16: 64}  # `frame_step`'s conv2 channels an item for BLOCK_P 4, 8, 16 (128, 64, 32 programs)
+from kernels.frame_step import conv2_block
+
+_CONSTS = dict(NL=12, D=256, H=8, P=64, N=64, G=1, K=4, V=29, C=64, M2=20, BLOCK_J=128, BLOCK_N=64, BLOCK_K=4,
+               BLOCK_V=32, BLOCK_C=64, BLOCK_M=128, SYNC=True, LOG_PROBS=True)  # fmt: skip
+_BLOCK_PS = (4, 8, 16)  # `block_p_for`'s choice for 1, 2 and 4 streams on an H100 or H200 (128, 64, 32 programs)
 _PAIRS = {"lin_ptr", "in_ptr", "outw_ptr", "hw_ptr"}  # weights read as packed column pairs (int32)
 _FLOAT32 = {"feats_ptr", "out_ptr", "ssm_ptr", "acc_ptr"}
 
 
-def _arg_type(name: str) -> str:
-    if name in _CONSTS:
+def _arg_type(name: str, consts: dict) -> str:
+    if name in consts:
         return "constexpr"
     if name == "slots_ptr":
         return "*i64"
@@ -44,12 +46,13 @@ def _arg_type(name: str) -> str:
 def compile_frame_kernel(kernel: JITFunction, num_warps: int, capability: int = 90, block_p: int = 4) -> CompiledKernel:
     """`_frame_kernel` (or a variant's, same arguments) compiled for sm_`capability` at the default shapes, with
     `block_p` state rows a program (4, 8 or 16: `frame_step`'s choice for 1, 2 or 4 streams on an H100 or H200)."""
-    if block_p not in _CB:
-        raise ValueError(f"block_p must be one of {sorted(_CB)}, got {block_p}")
+    if block_p not in _BLOCK_PS:
+        raise ValueError(f"block_p must be one of {list(_BLOCK_PS)}, got {block_p}")
+    n_programs = _CONSTS["H"] * triton.cdiv(_CONSTS["P"], block_p)
+    consts = {**_CONSTS, "BLOCK_P": block_p, "CB": conv2_block(_CONSTS["C"], _CONSTS["M2"], n_programs)}
     names = kernel.arg_names
-    signature = {n: _arg_type(n) for n in names}
+    signature = {n: _arg_type(n, consts) for n in names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr")}
-    consts = {**_CONSTS, "BLOCK_P": block_p, "CB": _CB[block_p]}
     constexprs = {(names.index(c),): v for c, v in consts.items()}
     src = ASTSource(kernel, signature, constexprs=constexprs, attrs=aligned)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})

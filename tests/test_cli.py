@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import streaming.workers
-from asr.checkpoint import load_model
+from asr.checkpoint import DTYPES, load_model
 from asr.cli import build_parser, build_server, main
 from asr.transcribe import transcribe_file
 from tests.captions import parse_srt, parse_vtt
@@ -134,7 +134,7 @@ def test_dtype_runs_the_model_in_bfloat16(capsys, tiny_model_dir: Path, speech_w
         argv = ("transcribe", speech_wav, "--model", tiny_model_dir, "-o", out, "-f", "json", "-q", "--dtype", dtype)
         assert _run(capsys, *argv)[0] == 0
         data = json.loads((out / "speech.json").read_text())
-        model, _ = load_model(tiny_model_dir, dtype=getattr(torch, dtype))
+        model, _ = load_model(tiny_model_dir, dtype=DTYPES[dtype])
         assert data["text"] == transcribe_file(speech_wav, model).text and data["text"]
         words[dtype] = [w for seg in data["segments"] for w in seg["words"]]
     assert [w["conf"] for w in words["float32"]] != [w["conf"] for w in words["bfloat16"]]
@@ -151,7 +151,7 @@ def test_serve_dtype_reaches_the_model_and_the_ready_message(tiny_model_dir: Pat
                                           "--port", "0", "--dtype", dtype])  # fmt: skip
         server = build_server(args)
         assert server.model_info["dtype"] == dtype
-        assert {p.dtype for p in server.model.parameters()} == {getattr(torch, dtype)}
+        assert {p.dtype for p in server.model.parameters()} == {DTYPES[dtype]}
 
 
 def test_serve_dtype_reaches_the_step_process(monkeypatch, tiny_model_dir: Path) -> None:
