@@ -114,7 +114,8 @@ def save_model(
     return directory
 
 
-def _parse_config(raw: dict[str, Any], where: Path) -> ModelConfig:
+def parse_config(raw: dict[str, Any], where: Path) -> ModelConfig:
+    """A `ModelConfig` from config.json's object (`ModelConfig.to_json`); ModelLoadError names `where`."""
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise ModelLoadError(
@@ -158,7 +159,7 @@ def load_config(directory: str | Path) -> ModelConfig:
         raise ModelLoadError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{path}: expected a JSON object")
-    return _parse_config(raw, path)
+    return parse_config(raw, path)
 
 
 def _check_shapes(model: ASRModel, tensors: dict[str, torch.Tensor], where: Path) -> None:

@@ -8,17 +8,21 @@ import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from asr import DEFAULT_MODEL_DIR, __version__
 from asr.audio import AudioError
-from asr.checkpoint import DTYPES, ModelLoadError, load_config, load_model, save_model
+from asr.checkpoint import DTYPES, ModelConfig, ModelLoadError, load_config, load_model, save_model
 from asr.decoding import Segment, SegmenterConfig
 from asr.lm import BeamConfig, BeamSearch, LMError, SegmentRescorer, find_lm
 from asr.model import ASRModel, ModelDimensions
 from asr.writers import FORMATS, format_timestamp, write_outputs
+
+if TYPE_CHECKING:
+    from export.onnx import OnnxModel
 
 
 class CLIError(Exception):
@@ -126,6 +130,13 @@ def _add_transcribe(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="audio files")
     add_model_args(p)
+    p.add_argument(
+        "--onnx",
+        type=Path,
+        metavar="FILE",
+        help="run this exported model (`asr export`) with onnxruntime instead of --model: on the CPU, or on the "
+        "GPU with --device cuda (onnxruntime's CUDA provider); its LM is --lm, else an lm/ folder beside FILE",
+    )
     p.add_argument("-f", "--format", choices=(*FORMATS, "all"), default="all", help="output format (default: all)")
     p.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="where to write (default: .)")
     p.add_argument(
@@ -146,8 +157,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from asr.transcribe import transcribe_file
 
     device = resolve_device(args.device)
-    model_dir = resolve_model_dir(args.model)
-    model, config = load_model(model_dir, device=device, dtype=DTYPES[args.dtype])
+    if args.onnx is not None:
+        model, config, model_dir, device = _load_onnx(args, device)
+    else:
+        model_dir = resolve_model_dir(args.model)
+        model, config = load_model(model_dir, device=device, dtype=DTYPES[args.dtype])
     search = resolve_lm(args, model_dir)
     formats = FORMATS if args.format == "all" else (args.format,)
     segmenter = SegmenterConfig(pause_s=args.pause, max_segment_s=args.max_segment)
@@ -180,6 +194,59 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     if failed:
         print(f"asr: {failed} of {len(args.files)} files failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _load_onnx(args: argparse.Namespace, device: torch.device) -> tuple[OnnxModel, ModelConfig, Path, torch.device]:
+    """`--onnx FILE`: the runner (onnxruntime's CUDA provider for a cuda `device`), its config, the folder whose
+    lm/ is its default LM, and the device of the torch side (features, decoding): the CPU."""
+    from export.onnx import OnnxModel
+
+    if args.model is not None:
+        raise CLIError("--onnx runs an exported file instead of --model: give one of them")
+    if args.dtype != "float32":
+        raise CLIError(f"--onnx runs the exported float32 graph; --dtype {args.dtype} does not apply")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
+    model = OnnxModel(args.onnx, providers)
+    return model, model.config, args.onnx.parent, torch.device("cpu")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a model's streaming step to ONNX (onnxruntime, sherpa-onnx-style runtimes)",
+        description="Write a model's streaming step as one ONNX graph: raw log-mel of B streams (any B) and L "
+        "encoder frames (any L) plus the streaming state in, logits and the next state out (docs/onnx.md). The "
+        "model's config (dimensions, features, CMVN, vocabulary) goes into the file's metadata. After writing, it "
+        "streams random features through the file in chunks of 1, 3 and 8 frames and compares the logits with "
+        "the PyTorch model's offline forward. `asr transcribe --onnx FILE` runs it.",
+    )
+    p.add_argument("out", type=Path, help="ONNX file to write, such as model.onnx")
+    p.add_argument("--model", type=Path, help=f"model directory (default: the bundled {DEFAULT_MODEL_DIR})")
+    p.add_argument("--opset", type=_positive_int, help="ONNX opset (default: the exporter's, 18 with torch 2.11)")
+    p.add_argument(
+        "--tolerance",
+        type=_positive_float,
+        default=1e-3,
+        help="largest logit difference the check accepts (default: %(default)s)",
+    )
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.onnx import OnnxModel, export_onnx, stream_difference
+
+    model, config = load_model(resolve_model_dir(args.model))
+    if not args.out.parent.is_dir():
+        raise CLIError(f"no such directory: {args.out.parent}")
+    print(f"exporting {model.num_parameters():,} parameters to {args.out} (about a minute for the bundled model)")
+    export_onnx(model, config, args.out, args.opset)
+    difference = stream_difference(model, OnnxModel(args.out), chunks=(1, 3, 8))
+    size = args.out.stat().st_size / 1e6
+    print(f"wrote {args.out} ({size:.1f} MB); streamed vs offline logits: max |difference| {difference:.2e}")
+    if difference > args.tolerance:
+        print(f"asr: error: the exported graph differs by more than {args.tolerance}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _add_init_model(sub: argparse._SubParsersAction) -> None:
@@ -654,6 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_transcribe(sub)
     _add_init_model(sub)
     _add_convert(sub)
+    _add_export(sub)
     _add_synth(sub)
     _add_eval(sub)
     _add_lm(sub)

@@ -113,6 +113,14 @@ def _uncompiled_scan(impl: Impl, x, dt, A, B, C, initial_state) -> tuple[torch.T
     return y.contiguous(), final
 
 
+def pad_features(feats: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """feats (B, T, n_mels) -> (B, ceil(T / 4) * 4, n_mels), padded with `mean` (n_mels,): `ASRModel.pad_features`."""
+    pad = (-feats.shape[1]) % SUBSAMPLING
+    if pad == 0:
+        return feats
+    return torch.cat([feats, mean.to(feats.dtype).expand(feats.shape[0], pad, -1)], dim=1)
+
+
 @dataclass
 class FrontEndState:
     """Caches of the two causal stride-2 convs: the last input frame each saw."""
@@ -392,11 +400,7 @@ class ASRModel(nn.Module):
         After normalisation the pad frames are zeros. Streaming pads the last partial chunk of a
         stream with this same function, so its final frame matches `forward`.
         """
-        pad = (-feats.shape[1]) % SUBSAMPLING
-        if pad == 0:
-            return feats
-        fill = self.cmvn_mean.to(feats.dtype).expand(feats.shape[0], pad, -1)
-        return torch.cat([feats, fill], dim=1)
+        return pad_features(feats, self.cmvn_mean)
 
     def _normalize(self, feats: torch.Tensor) -> torch.Tensor:
         return (feats - self.cmvn_mean) * self.cmvn_istd

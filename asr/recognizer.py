@@ -6,16 +6,30 @@ gives the log-probabilities of one offline pass (`offline_log_probs`) within flo
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 
 from asr.features import N_MELS, SUBSAMPLING, LogMel, StreamingLogMel, num_frames
-from asr.model import ASRModel
+from asr.model import ASRModel, ModelDimensions
+
+
+class StreamingModel(Protocol):
+    """What a stream needs of a model: `ASRModel`, or an exported graph (`export.onnx.OnnxModel`)."""
+
+    dims: ModelDimensions
+
+    def init_state(self, batch: int, device: torch.device | str | None = None) -> Any: ...
+
+    def chunk(self, feats: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]: ...
+
+    def pad_features(self, feats: torch.Tensor) -> torch.Tensor: ...
 
 
 class StreamRecognizer:
     """Holds one stream's feature leftovers, pending feature frames and encoder state."""
 
-    def __init__(self, model: ASRModel, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: StreamingModel, device: torch.device | str = "cpu") -> None:
         self.model = model
         self.device = torch.device(device)
         self.features = StreamingLogMel(device=self.device)

@@ -11,14 +11,13 @@ from tqdm import tqdm
 from asr.audio import audio_info, stream_audio
 from asr.decoding import GreedyCTCDecoder, Rescorer, Segment, SegmenterConfig, Transcript
 from asr.features import SAMPLE_RATE
-from asr.model import ASRModel
-from asr.recognizer import StreamRecognizer
+from asr.recognizer import StreamingModel, StreamRecognizer
 from asr.text import VOCAB
 
 
 def transcribe_file(
     path: str | Path,
-    model: ASRModel,
+    model: StreamingModel,
     vocab: tuple[str, ...] = VOCAB,
     device: torch.device | str = "cpu",
     chunk_ms: int = 1000,
@@ -27,7 +26,8 @@ def transcribe_file(
     on_segment: Callable[[Segment], None] | None = None,
     rescorer: Rescorer | None = None,
 ) -> Transcript:
-    """Stream `path` through `model` in chunks of `chunk_ms` of audio. Raises AudioError.
+    """Stream `path` through `model` (an `ASRModel` or an exported `OnnxModel`) in chunks of `chunk_ms` of audio.
+    Raises AudioError.
 
     `on_segment` is called with each caption segment as soon as it is final. A `rescorer`
     (`asr.lm.SegmentRescorer`) decodes each segment again with a language model.
