@@ -222,7 +222,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("out", type=Path, help="ONNX file to write, such as model.onnx")
     p.add_argument("--model", type=Path, help=f"model directory (default: the bundled {DEFAULT_MODEL_DIR})")
-    p.add_argument("--opset", type=_positive_int, help="ONNX opset (default: the exporter's, 18 with torch 2.11)")
+    p.add_argument("--opset", type=_positive_int, help="ONNX opset (default: the exporter's, 20 with torch 2.11)")
     p.add_argument(
         "--tolerance",
         type=_positive_float,

@@ -20,6 +20,7 @@ metadata under `asr_config`, so the file alone is a whole model for a runtime (`
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,12 @@ def export_onnx(model: ASRModel, config: ModelConfig, path: str | Path, opset: i
         )
     program.model.metadata_props[METADATA_KEY] = json.dumps(config.to_json())
     path = Path(path)
-    program.save(str(path), external_data=False)
+    partial = path.with_name(f".{path.name}.partial")  # renamed over `path` once whole: a killed export leaves none
+    try:
+        program.save(str(partial), external_data=False)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 
