@@ -134,8 +134,9 @@ def _add_transcribe(sub: argparse._SubParsersAction) -> None:
         "--onnx",
         type=Path,
         metavar="FILE",
-        help="run this exported model (`asr export`) with onnxruntime instead of --model: on the CPU, or on the "
-        "GPU with --device cuda (onnxruntime's CUDA provider); its LM is --lm, else an lm/ folder beside FILE",
+        help="run this exported model (`asr export`) with onnxruntime instead of --model: onnxruntime's CUDA "
+        "provider where --device is (or auto finds) cuda, else its CPU provider; its LM is --lm, else an lm/ folder "
+        "beside FILE",
     )
     p.add_argument("-f", "--format", choices=(*FORMATS, "all"), default="all", help="output format (default: all)")
     p.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="where to write (default: .)")
@@ -218,11 +219,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "encoder frames (any L) plus the streaming state in, logits and the next state out (docs/onnx.md). The "
         "model's config (dimensions, features, CMVN, vocabulary) goes into the file's metadata. After writing, it "
         "streams random features through the file in chunks of 1, 3 and 8 frames and compares the logits with "
-        "the PyTorch model's offline forward. `asr transcribe --onnx FILE` runs it.",
+        "the PyTorch model's offline forward (exit 1 past --tolerance; the file is kept for inspection). "
+        "`asr transcribe --onnx FILE` runs it.",
     )
     p.add_argument("out", type=Path, help="ONNX file to write, such as model.onnx")
     p.add_argument("--model", type=Path, help=f"model directory (default: the bundled {DEFAULT_MODEL_DIR})")
-    p.add_argument("--opset", type=_positive_int, help="ONNX opset (default: the exporter's, 20 with torch 2.11)")
     p.add_argument(
         "--tolerance",
         type=_positive_float,
@@ -235,16 +236,19 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from export.onnx import OnnxModel, export_onnx, stream_difference
 
+    if args.out.is_dir() or not args.out.parent.is_dir():
+        raise CLIError(f"{args.out}: give a file name in an existing directory, such as model.onnx")
     model, config = load_model(resolve_model_dir(args.model))
-    if not args.out.parent.is_dir():
-        raise CLIError(f"no such directory: {args.out.parent}")
     print(f"exporting {model.num_parameters():,} parameters to {args.out} (about a minute for the bundled model)")
-    export_onnx(model, config, args.out, args.opset)
+    export_onnx(model, config, args.out)
     difference = stream_difference(model, OnnxModel(args.out), chunks=(1, 3, 8))
     size = args.out.stat().st_size / 1e6
     print(f"wrote {args.out} ({size:.1f} MB); streamed vs offline logits: max |difference| {difference:.2e}")
     if difference > args.tolerance:
-        print(f"asr: error: the exported graph differs by more than {args.tolerance}", file=sys.stderr)
+        print(
+            f"asr: error: the exported graph differs by more than {args.tolerance} (kept for inspection)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ from asr.model import pad_features as pad_with_mean
 from asr.ssm import halved
 
 STATE_NAMES = ("conv1", "conv2", "conv", "ssm")
+_BATCH_AXIS = {"conv1": 0, "conv2": 0, "conv": 1, "ssm": 1}  # each state input's axis of streams
 INPUT_NAMES = ("feats", *STATE_NAMES)
 OUTPUT_NAMES = ("logits", *(f"{name}_out" for name in STATE_NAMES))
 METADATA_KEY = "asr_config"
@@ -75,16 +76,19 @@ class _FlatStep(nn.Module):
         return logits, state.frontend.conv1, state.frontend.conv2, convs, ssms
 
 
-def export_onnx(model: ASRModel, config: ModelConfig, path: str | Path, opset: int | None = None) -> Path:
-    """Write `model` (float32, on the CPU) as an ONNX graph of one streaming chunk to `path`, with `config` in its
-    metadata. `opset`: the ONNX opset (default: the exporter's). Returns the path."""
+def export_onnx(model: ASRModel, config: ModelConfig, path: str | Path) -> Path:
+    """Write `model` (float32, on the CPU) as an ONNX graph of one streaming chunk to `path` (the exporter's
+    opset: 20 with torch 2.11), with `config` in its metadata: its vocabulary, feature settings and provenance, and
+    the model's own dimensions and CMVN statistics (the graph's). Returns the path."""
     if model.head.weight.dtype != torch.float32 or model.head.weight.device.type != "cpu":
         raise ValueError("export_onnx takes a float32 model on the CPU (load_model's default)")
+    if config.dims != model.dims:
+        raise ValueError(f"config.dims {config.dims} are not the model's {model.dims}")
     state = model.init_state(1, "cpu")
     feats = torch.zeros(1, SUBSAMPLING * _EXAMPLE_FRAMES, model.dims.n_mels)
     example = (feats, state.frontend.conv1, state.frontend.conv2, *_stacked(state))
     batch, frames = torch.export.Dim("batch", min=1, max=_MAX_DIM), torch.export.Dim("frames", min=1, max=_MAX_DIM)
-    dynamic = ({0: batch, 1: SUBSAMPLING * frames}, {0: batch}, {0: batch}, {1: batch}, {1: batch})
+    dynamic = ({0: batch, 1: SUBSAMPLING * frames}, *({_BATCH_AXIS[name]: batch} for name in STATE_NAMES))
     with torch.no_grad():
         program = torch.onnx.export(
             _FlatStep(model).eval(),
@@ -93,10 +97,10 @@ def export_onnx(model: ASRModel, config: ModelConfig, path: str | Path, opset: i
             input_names=list(INPUT_NAMES),
             output_names=list(OUTPUT_NAMES),
             dynamic_shapes=dynamic,
-            opset_version=opset,
             verbose=False,
         )
-    program.model.metadata_props[METADATA_KEY] = json.dumps(config.to_json())
+    stored = replace(config, cmvn=model.cmvn, int8_weights=())  # the graph holds float32 weights and its CMVN
+    program.model.metadata_props[METADATA_KEY] = json.dumps(stored.to_json())
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")  # renamed over `path` once whole: a killed export leaves none
     try:
@@ -109,6 +113,20 @@ def export_onnx(model: ASRModel, config: ModelConfig, path: str | Path, opset: i
 
 def _stacked(state: EncoderState) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([s.conv for s in state.layers]), torch.stack([s.ssm for s in state.layers])
+
+
+def _stored_config(session: ort.InferenceSession, path: Path) -> ModelConfig:
+    """The `ModelConfig` in an exported file's metadata; ModelLoadError if it is missing or malformed."""
+    raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if raw is None:
+        raise ModelLoadError(f"{path}: no '{METADATA_KEY}' metadata (not written by `asr export`)")
+    try:
+        stored = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: its '{METADATA_KEY}' metadata is not valid JSON: {e}") from e
+    if not isinstance(stored, dict):
+        raise ModelLoadError(f"{path}: its '{METADATA_KEY}' metadata is not a JSON object")
+    return parse_config(stored, path)
 
 
 class OnnxModel:
@@ -125,18 +143,23 @@ class OnnxModel:
             self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
         except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as e:
             raise ModelLoadError(f"{path}: not a loadable ONNX model: {e}") from e
-        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        if raw is None:
-            raise ModelLoadError(f"{path}: no '{METADATA_KEY}' metadata (not written by `asr export`)")
-        try:
-            self.config = parse_config(json.loads(raw), path)
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{path}: its '{METADATA_KEY}' metadata is not valid JSON: {e}") from e
-        names = tuple(i.name for i in self.session.get_inputs())
-        if names != INPUT_NAMES:
-            raise ModelLoadError(f"{path}: inputs {list(names)}, expected {list(INPUT_NAMES)}")
+        self.config = _stored_config(self.session, path)
         self.dims: ModelDimensions = self.config.dims
         self.cmvn_mean = self.config.cmvn.mean.float()
+        self._check_inputs(path)
+
+    def _check_inputs(self, path: Path) -> None:
+        """The graph's inputs are `INPUT_NAMES`, and each state input's shape is `init_state`'s but for the batch."""
+        inputs = self.session.get_inputs()
+        if tuple(i.name for i in inputs) != INPUT_NAMES:
+            raise ModelLoadError(f"{path}: inputs {[i.name for i in inputs]}, expected {list(INPUT_NAMES)}")
+        expected = self.init_state(1).feeds()
+        for graph_input in inputs[1:]:
+            want: list[int | None] = list(expected[graph_input.name].shape)
+            want[_BATCH_AXIS[graph_input.name]] = None  # the graph's dynamic batch
+            got = [n if isinstance(n, int) else None for n in graph_input.shape]
+            if got != want:
+                raise ModelLoadError(f"{path}: input {graph_input.name} is {got}, the metadata's dims give {want}")
 
     def init_state(self, batch: int, device: torch.device | str | None = None) -> OnnxState:
         """Zeroed state for `batch` streams (`device` is accepted for `ASRModel`'s signature; arrays are on the
@@ -159,6 +182,8 @@ class OnnxModel:
         `state`'s arrays."""
         if feats.shape[1] % SUBSAMPLING:
             raise ValueError(f"chunk() needs a multiple of {SUBSAMPLING} feature frames, got {feats.shape[1]}")
+        if feats.shape[0] != state.conv1.shape[0]:
+            raise ValueError(f"feats hold {feats.shape[0]} streams, the state {state.conv1.shape[0]}")
         if feats.shape[1] == 0:
             return torch.zeros(feats.shape[0], 0, self.dims.vocab_size), state
         out = self.session.run(None, {"feats": feats.detach().float().cpu().numpy(), **state.feeds()})

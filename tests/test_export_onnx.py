@@ -26,8 +26,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     """The tiny model (with a CMVN that is not the identity) and its export."""
     model, config = load_model(tiny_model_dir)
     torch.manual_seed(7)
-    model.set_cmvn(CMVN(torch.randn(N_MELS), torch.rand(N_MELS) + 0.5))
-    return model, export_onnx(model, replace(config, cmvn=model.cmvn), tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+    model.set_cmvn(CMVN(torch.randn(N_MELS), torch.rand(N_MELS) + 0.5))  # config.cmvn is still the identity
+    return model, export_onnx(model, config, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
 
 
 def test_streams_in_any_chunks_as_the_offline_forward(exported: tuple[ASRModel, Path]) -> None:
@@ -69,12 +69,15 @@ def test_state_is_carried_not_reset(exported: tuple[ASRModel, Path]) -> None:
     torch.testing.assert_close(again, first)
     with pytest.raises(ValueError, match="multiple of 4"):
         onnx_model.chunk(feats[:, :5], state)
+    with pytest.raises(ValueError, match="feats hold 2 streams, the state 1"):
+        onnx_model.chunk(torch.cat([feats, feats]), state)
 
 
 def test_the_file_carries_the_config(exported: tuple[ASRModel, Path]) -> None:
+    """The model's dims and its own CMVN (the graph's, not the stale config's), and no int8 list (float32 graph)."""
     model, path = exported
     config = OnnxModel(path).config
-    assert config.dims == model.dims and config.vocab == VOCAB
+    assert config.dims == model.dims and config.vocab == VOCAB and config.int8_weights == ()
     torch.testing.assert_close(config.cmvn.mean, model.cmvn.mean)
     torch.testing.assert_close(config.cmvn.istd, model.cmvn.istd)
     graph = onnx.load(str(path)).graph
@@ -94,15 +97,35 @@ def test_bad_files_get_clear_errors(exported: tuple[ASRModel, Path], tmp_path: P
     onnx.save(bare, str(tmp_path / "bare.onnx"))
     with pytest.raises(ModelLoadError, match="no 'asr_config' metadata"):
         OnnxModel(tmp_path / "bare.onnx")
-    bf16 = ASRModel(TINY).to(torch.bfloat16)
+    for name, text, error in [
+        ("list.onnx", "[1, 2]", "not a JSON object"),
+        ("json.onnx", "{not json", "not valid JSON"),
+        ("dims.onnx", _with_dims(path, n_layers=TINY.n_layers + 1), "input conv is"),
+    ]:
+        bad = onnx.load(str(path))
+        next(p for p in bad.metadata_props if p.key == "asr_config").value = text
+        onnx.save(bad, str(tmp_path / name))
+        with pytest.raises(ModelLoadError, match=error):
+            OnnxModel(tmp_path / name)
+    config = OnnxModel(path).config
     with pytest.raises(ValueError, match="float32 model on the CPU"):
-        export_onnx(bf16, None, tmp_path / "x.onnx")
+        export_onnx(ASRModel(TINY).to(torch.bfloat16), config, tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="are not the model's"):
+        export_onnx(ASRModel(replace(TINY, n_layers=1)), config, tmp_path / "x.onnx")
+
+
+def _with_dims(path: Path, **changes: int) -> str:
+    """The file's `asr_config` metadata with some dims changed."""
+    raw = OnnxModel(path).config.to_json()
+    raw["dims"] |= changes
+    return json.dumps(raw)
 
 
 def test_transcribe_file_takes_the_exported_model(exported: tuple[ASRModel, Path], speech_wav: Path) -> None:
     model, path = exported
     by_torch = transcribe_file(speech_wav, model, chunk_ms=120)
     by_onnx = transcribe_file(speech_wav, OnnxModel(path), chunk_ms=120)
+    assert by_torch.text  # the tiny random model writes noise, but some
     assert [s.text for s in by_onnx.segments] == [s.text for s in by_torch.segments]
     assert [s.start for s in by_onnx.segments] == [s.start for s in by_torch.segments]
 
@@ -121,9 +144,11 @@ def test_cli_export_fails_past_its_tolerance(
 ) -> None:
     """The check after writing: a graph that differs by more than --tolerance exits 1. Here the file written is
     another model's export (the fixture's, whose CMVN differs from the directory's model)."""
-    monkeypatch.setattr(export.onnx, "export_onnx", lambda model, config, out, opset: shutil.copy(exported[1], out))
+    monkeypatch.setattr(export.onnx, "export_onnx", lambda model, config, out: shutil.copy(exported[1], out))
     code, _, err = _run(capsys, "export", tmp_path / "other.onnx", "--model", tiny_model_dir)
-    assert code == 1 and "differs by more than 0.001" in err
+    assert code == 1 and "differs by more than 0.001" in err and (tmp_path / "other.onnx").is_file()
+    code, _, err = _run(capsys, "export", tmp_path, "--model", tiny_model_dir)
+    assert code == 2 and "give a file name in an existing directory" in err
 
 
 def test_cli_transcribe_onnx(capsys, exported: tuple[ASRModel, Path], speech_wav: Path, tmp_path: Path) -> None:
