@@ -216,7 +216,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "export",
         help="export a model's streaming step to ONNX (onnxruntime, sherpa-onnx-style runtimes)",
         description="Write a model's streaming step as one ONNX graph: raw log-mel of B streams (any B) and L "
-        "encoder frames (any L) plus the streaming state in, logits and the next state out (docs/onnx.md). The "
+        "encoder frames (any L >= 1) plus the streaming state in, logits and the next state out (docs/onnx.md). The "
         "model's config (dimensions, features, CMVN, vocabulary) goes into the file's metadata. After writing, it "
         "streams random features through the file in chunks of 1, 3 and 8 frames and compares the logits with "
         "the PyTorch model's offline forward (exit 1 past --tolerance; the file is kept for inspection). "
