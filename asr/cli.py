@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from asr import DEFAULT_MODEL_DIR, __version__
 from asr.audio import AudioError
-from asr.checkpoint import DTYPES, ModelConfig, ModelLoadError, load_config, load_model, save_model
+from asr.checkpoint import DTYPES, ModelLoadError, load_config, load_model, save_model
 from asr.decoding import Segment, SegmenterConfig
 from asr.lm import BeamConfig, BeamSearch, LMError, SegmentRescorer, find_lm
 from asr.model import ASRModel, ModelDimensions
@@ -66,8 +66,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help=f"model directory (default: the bundled {DEFAULT_MODEL_DIR})")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    add_model_dir_arg(p)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: auto)")
     p.add_argument(
         "--dtype",
@@ -159,7 +163,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     if args.onnx is not None:
-        model, config, model_dir, device = _load_onnx(args, device)
+        model = _load_onnx(args, device)
+        config, model_dir, device = model.config, args.onnx.parent, torch.device("cpu")  # torch: features, decoding
     else:
         model_dir = resolve_model_dir(args.model)
         model, config = load_model(model_dir, device=device, dtype=DTYPES[args.dtype])
@@ -197,9 +202,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _load_onnx(args: argparse.Namespace, device: torch.device) -> tuple[OnnxModel, ModelConfig, Path, torch.device]:
-    """`--onnx FILE`: the runner (onnxruntime's CUDA provider for a cuda `device`), its config, the folder whose
-    lm/ is its default LM, and the device of the torch side (features, decoding): the CPU."""
+def _load_onnx(args: argparse.Namespace, device: torch.device) -> OnnxModel:
+    """`--onnx FILE`'s runner: onnxruntime's CUDA provider for a cuda `device`, else its CPU provider."""
     from export.onnx import OnnxModel
 
     if args.model is not None:
@@ -207,8 +211,7 @@ def _load_onnx(args: argparse.Namespace, device: torch.device) -> tuple[OnnxMode
     if args.dtype != "float32":
         raise CLIError(f"--onnx runs the exported float32 graph; --dtype {args.dtype} does not apply")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
-    model = OnnxModel(args.onnx, providers)
-    return model, model.config, args.onnx.parent, torch.device("cpu")
+    return OnnxModel(args.onnx, providers)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -223,7 +226,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "`asr transcribe --onnx FILE` runs it.",
     )
     p.add_argument("out", type=Path, help="ONNX file to write, such as model.onnx")
-    p.add_argument("--model", type=Path, help=f"model directory (default: the bundled {DEFAULT_MODEL_DIR})")
+    add_model_dir_arg(p)
     p.add_argument(
         "--tolerance",
         type=_positive_float,

@@ -121,6 +121,19 @@ def pad_features(feats: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return torch.cat([feats, mean.to(feats.dtype).expand(feats.shape[0], pad, -1)], dim=1)
 
 
+def state_shapes(dims: ModelDimensions, batch: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of `batch` streams' state, a tensor a kind: conv1 (B, 1, 1, n_mels) and conv2 (B, C, 1,
+    n_mels / 2) the front end's caches, conv (n_layers, B, conv_dim, d_conv - 1) and ssm (n_layers, B, n_heads,
+    head_dim, d_state) every layer's."""
+    d = dims
+    return {
+        "conv1": (batch, 1, 1, d.n_mels),
+        "conv2": (batch, d.frontend_channels, 1, halved(d.n_mels)),
+        "conv": (d.n_layers, batch, d.conv_dim, d.d_conv - 1),
+        "ssm": (d.n_layers, batch, d.n_heads, d.head_dim, d.d_state),
+    }
+
+
 @dataclass
 class FrontEndState:
     """Caches of the two causal stride-2 convs: the last input frame each saw."""
@@ -414,18 +427,15 @@ class ASRModel(nn.Module):
 
     def init_state(self, batch: int, device: torch.device | str | None = None) -> EncoderState:
         """Allocate zeroed streaming state for `batch` streams (call once, then reuse)."""
-        d = self.dims
         device = device if device is not None else self.head.weight.device
-        dtype = self.head.weight.dtype
-        c, half = d.frontend_channels, halved(d.n_mels)
-        frontend = FrontEndState(
-            conv1=torch.zeros(batch, 1, 1, d.n_mels, device=device, dtype=dtype),
-            conv2=torch.zeros(batch, c, 1, half, device=device, dtype=dtype),
-        )
+
+        def zeros(name: str, shape: tuple[int, ...]) -> torch.Tensor:  # the SSM state is float32 whatever the weights
+            return torch.zeros(shape, device=device, dtype=torch.float32 if name == "ssm" else self.head.weight.dtype)
+
+        t = {name: zeros(name, shape) for name, shape in state_shapes(self.dims, batch).items()}
         # each layer's state is a view of one tensor a kind, which the one-launch step (kernels/encoder_step.py) takes
-        conv = torch.zeros(d.n_layers, batch, d.conv_dim, d.d_conv - 1, device=device, dtype=dtype)
-        ssm = torch.zeros(d.n_layers, batch, d.n_heads, d.head_dim, d.d_state, device=device, dtype=torch.float32)
-        return EncoderState(frontend, [MambaLayerState(c, s) for c, s in zip(conv, ssm, strict=True)])
+        layers = [MambaLayerState(c, s) for c, s in zip(t["conv"], t["ssm"], strict=True)]
+        return EncoderState(FrontEndState(t["conv1"], t["conv2"]), layers)
 
     def chunk(
         self,

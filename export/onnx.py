@@ -31,9 +31,8 @@ from torch import nn
 
 from asr.checkpoint import ModelConfig, ModelLoadError, parse_config
 from asr.features import SUBSAMPLING
-from asr.model import ASRModel, EncoderState, FrontEndState, Impl, MambaLayerState, ModelDimensions
+from asr.model import ASRModel, EncoderState, FrontEndState, Impl, MambaLayerState, ModelDimensions, state_shapes
 from asr.model import pad_features as pad_with_mean
-from asr.ssm import halved
 
 STATE_NAMES = ("conv1", "conv2", "conv", "ssm")
 _BATCH_AXIS = {"conv1": 0, "conv2": 0, "conv": 1, "ssm": 1}  # each state input's axis of streams
@@ -47,7 +46,7 @@ _MAX_DIM = 1 << 20  # bound on the dynamic batch and frame counts (the exporter 
 @dataclass
 class OnnxState:
     """All streaming state of B streams for the exported graph (shapes in the module docstring), float32 arrays.
-    Owned by the caller; `OnnxModel.chunk` writes the next state into these arrays."""
+    Owned by the caller; `OnnxModel.chunk` replaces them with the next state's."""
 
     conv1: np.ndarray
     conv2: np.ndarray
@@ -72,8 +71,7 @@ class _FlatStep(nn.Module):
         layers = [MambaLayerState(c.clone(), s.clone()) for c, s in zip(conv.unbind(0), ssm.unbind(0), strict=True)]
         state = EncoderState(FrontEndState(conv1.clone(), conv2.clone()), layers)
         logits, state = self.model.chunk(feats, state, impl=Impl.TORCH)
-        convs, ssms = torch.stack([s.conv for s in state.layers]), torch.stack([s.ssm for s in state.layers])
-        return logits, state.frontend.conv1, state.frontend.conv2, convs, ssms
+        return logits, state.frontend.conv1, state.frontend.conv2, *_stacked(state)
 
 
 def export_onnx(model: ASRModel, config: ModelConfig, path: str | Path) -> Path:
@@ -164,22 +162,16 @@ class OnnxModel:
     def init_state(self, batch: int, device: torch.device | str | None = None) -> OnnxState:
         """Zeroed state for `batch` streams (`device` is accepted for `ASRModel`'s signature; arrays are on the
         host)."""
-        d = self.dims
-        zeros = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
-        return OnnxState(
-            conv1=zeros(batch, 1, 1, d.n_mels),
-            conv2=zeros(batch, d.frontend_channels, 1, halved(d.n_mels)),
-            conv=zeros(d.n_layers, batch, d.conv_dim, d.d_conv - 1),
-            ssm=zeros(d.n_layers, batch, d.n_heads, d.head_dim, d.d_state),
-        )
+        shapes = state_shapes(self.dims, batch)
+        return OnnxState(**{name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()})
 
     def pad_features(self, feats: torch.Tensor) -> torch.Tensor:
         """As `ASRModel.pad_features`: feats (B, T, n_mels) -> (B, ceil(T / 4) * 4, n_mels), padded with the mean."""
         return pad_with_mean(feats, self.cmvn_mean)
 
     def chunk(self, feats: torch.Tensor, state: OnnxState) -> tuple[torch.Tensor, OnnxState]:
-        """feats (B, 4 L, n_mels) raw log-mel -> logits (B, L, V) float32 (CPU); writes the next state into
-        `state`'s arrays."""
+        """feats (B, 4 L, n_mels) raw log-mel -> logits (B, L, V) float32 (CPU); `state`'s arrays are replaced by
+        the next state's (onnxruntime's fresh outputs: no copy)."""
         if feats.shape[1] % SUBSAMPLING:
             raise ValueError(f"chunk() needs a multiple of {SUBSAMPLING} feature frames, got {feats.shape[1]}")
         if feats.shape[0] != state.conv1.shape[0]:
@@ -188,7 +180,7 @@ class OnnxModel:
             return torch.zeros(feats.shape[0], 0, self.dims.vocab_size), state
         out = self.session.run(None, {"feats": feats.detach().float().cpu().numpy(), **state.feeds()})
         for name, value in zip(STATE_NAMES, out[1:], strict=True):
-            np.copyto(getattr(state, name), value)
+            setattr(state, name, value)
         return torch.from_numpy(out[0]), state
 
 
